@@ -1,0 +1,267 @@
+"""timm VisionTransformer -> HookedViT: config, state dict and data config.
+
+Supported: ``timm.models.vision_transformer.VisionTransformer`` and DeiT's
+``VisionTransformerDistilled`` with standard blocks (LayerNorm, Attention, Mlp), class / register /
+distillation tokens, learned position embeddings (with or without prefix positions), pre-norm,
+token / avg / max / avgmax pooling with or without fc_norm, layer scale, qk-norm, any image and
+patch size. Anything else raises ``NotImplementedError`` naming the feature.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from vitlens_patch.conversion.checks import load_state_dict_strictly
+from vitlens_patch.model.config import ViTConfig
+from vitlens_patch.model.hooked_vit import HookedViT
+from vitlens_patch.model.preprocess import DataConfig
+
+
+def _activation_name(act: nn.Module) -> str:
+    from timm.layers import activations
+
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if isinstance(act, activations.GELUTanh):
+        return "gelu_tanh"
+    if isinstance(act, activations.GELU):
+        return "gelu"
+    if isinstance(act, activations.QuickGELU):
+        return "quick_gelu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    raise NotImplementedError(f"MLP activation {type(act).__name__} is not supported")
+
+
+def _layer_norm_eps(norm: nn.Module, where: str) -> float:
+    from timm.layers import LayerNorm as TimmLayerNorm
+
+    if type(norm) not in (nn.LayerNorm, TimmLayerNorm):
+        raise NotImplementedError(f"{where}: normalisation {type(norm).__name__} is not supported (LayerNorm only)")
+    if not norm.elementwise_affine or norm.bias is None:
+        raise NotImplementedError(f"{where}: LayerNorm without affine weight and bias is not supported")
+    return norm.eps
+
+
+def config_from_timm(model: nn.Module) -> ViTConfig:
+    """Read a ViTConfig off a built timm VisionTransformer, refusing what HookedViT cannot represent.
+
+    Raises:
+        NotImplementedError: naming the unsupported model class, layer type or flag.
+    """
+    from timm.layers import Mlp, PatchEmbed
+    from timm.layers.attention import Attention
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise NotImplementedError(
+            f"model class {type(model).__name__} is not supported; HookedViT converts timm "
+            f"VisionTransformer (vit_*, deit_*) models"
+        )
+    distilled = isinstance(model, VisionTransformerDistilled)
+    if type(model) not in (VisionTransformer, VisionTransformerDistilled):
+        raise NotImplementedError(f"VisionTransformer subclass {type(model).__name__} is not supported")
+    if model.attn_pool is not None:
+        raise NotImplementedError(f"global_pool={model.global_pool!r} (attention pooling) is not supported")
+    if model.global_pool not in ("token", "avg", "max", "avgmax"):
+        raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported")
+    if model.pool_include_prefix and model.global_pool != "token":
+        raise NotImplementedError("pool_include_prefix=True is not supported")
+    if model.num_classes == 0:
+        raise NotImplementedError("num_classes=0 (no classifier head) is not supported")
+    if model.dynamic_img_size:
+        raise NotImplementedError("dynamic_img_size=True is not supported; build the model at a fixed img_size")
+    if model.pos_embed is None:
+        raise NotImplementedError("pos_embed='none' (no position embedding) is not supported")
+    embed = model.patch_embed
+    if type(embed) is not PatchEmbed or not embed.flatten or embed.dynamic_img_pad:
+        raise NotImplementedError(f"patch embedding {type(embed).__name__} with these options is not supported")
+    if not isinstance(embed.norm, nn.Identity):
+        raise NotImplementedError("embed_norm_layer (a norm inside the patch embedding) is not supported")
+    if not isinstance(model.patch_drop, nn.Identity) and model.training:
+        raise NotImplementedError("patch_drop_rate > 0 in training mode is not supported; call model.eval()")
+
+    blocks = list(model.blocks)
+    first = blocks[0]
+    for index, block in enumerate(blocks):
+        where = f"blocks.{index}"
+        if type(block) is not Block:
+            raise NotImplementedError(f"{where}: block type {type(block).__name__} is not supported")
+        if type(block.attn) is not Attention or block.attn.gate is not None:
+            raise NotImplementedError(f"{where}: attention type {type(block.attn).__name__} is not supported")
+        if not isinstance(block.attn.norm, nn.Identity):
+            raise NotImplementedError(f"{where}: scale_attn_norm=True is not supported")
+        if type(block.mlp) is not Mlp or not isinstance(block.mlp.norm, nn.Identity):
+            raise NotImplementedError(f"{where}: MLP type {type(block.mlp).__name__} (or scale_mlp_norm) is not supported")
+        if type(block.attn.q_norm) is not type(first.attn.q_norm) or type(block.ls1) is not type(first.ls1):
+            raise NotImplementedError(f"{where}: blocks with different options are not supported")
+        _layer_norm_eps(block.norm1, f"{where}.norm1")
+
+    qk_norm = not isinstance(first.attn.q_norm, nn.Identity)
+    if qk_norm:
+        _layer_norm_eps(first.attn.q_norm, "blocks.0.attn.q_norm")
+    eps = _layer_norm_eps(first.norm1, "blocks.0.norm1")
+    has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    has_norm = not isinstance(model.norm, nn.Identity)
+    pre_norm = not isinstance(model.norm_pre, nn.Identity)
+    for name, norm in [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre)]:
+        if not isinstance(norm, nn.Identity) and _layer_norm_eps(norm, name) != eps:
+            raise NotImplementedError(f"{name}: a LayerNorm eps different from the blocks' is not supported")
+
+    return ViTConfig(
+        n_layers=len(blocks),
+        d_model=model.embed_dim,
+        n_heads=first.attn.num_heads,
+        d_head=first.attn.head_dim,
+        d_mlp=first.mlp.fc1.out_features,
+        img_size=tuple(embed.img_size),
+        patch_size=tuple(embed.patch_size),
+        n_classes=model.num_classes,
+        in_chans=embed.proj.in_channels,
+        class_token=model.cls_token is not None,
+        n_register_tokens=model.num_reg_tokens,
+        distilled=distilled,
+        pos_embed_prefix=not model.no_embed_class,
+        pre_norm=pre_norm,
+        final_norm="pooled" if has_fc_norm else ("tokens" if has_norm else "none"),
+        pooling="distilled" if distilled else model.global_pool,
+        layer_scale=not isinstance(first.ls1, nn.Identity),
+        qkv_bias=first.attn.qkv.bias is not None,
+        proj_bias=first.attn.proj.bias is not None,
+        patch_embed_bias=embed.proj.bias is not None,
+        qk_norm=qk_norm,
+        activation=_activation_name(first.mlp.act),
+        eps=eps,
+    )
+
+
+def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> dict[str, Tensor]:
+    """timm VisionTransformer state dict -> HookedViT state dict (a pure function).
+
+    Linear weights are transposed to TransformerLens's [d_in, d_out] layout and the fused qkv
+    weight is split per head: W_Q [head, d_model, d_head]. Every timm key is consumed exactly once.
+
+    Raises:
+        ValueError: listing timm keys that were left over or missing.
+    """
+    source = dict(state_dict)
+    taken: set[str] = set()
+
+    def take(key: str) -> Tensor:
+        if key not in source:
+            raise ValueError(f"timm state dict is missing {key!r}")
+        taken.add(key)
+        return source[key]
+
+    def norm(prefix: str, target: str) -> dict[str, Tensor]:
+        return {f"{target}.w": take(f"{prefix}.weight"), f"{target}.b": take(f"{prefix}.bias")}
+
+    prefix_tokens = [take("cls_token")[0]] if cfg.class_token else []
+    if cfg.distilled:
+        prefix_tokens.append(take("dist_token")[0])
+    if cfg.n_register_tokens:
+        prefix_tokens.append(take("reg_token")[0])
+    out = {
+        "embed.W_E": take("patch_embed.proj.weight"),
+        "prefix_tokens.W_prefix": torch.cat(prefix_tokens) if prefix_tokens else torch.zeros(0, cfg.d_model),
+        "pos_embed.W_pos": take("pos_embed")[0],
+    }
+    if cfg.patch_embed_bias:
+        out["embed.b_E"] = take("patch_embed.proj.bias")
+    if cfg.pre_norm:
+        out |= norm("norm_pre", "ln_pre")
+    for i in range(cfg.n_layers):
+        src, dst = f"blocks.{i}", f"blocks.{i}"
+        out |= norm(f"{src}.norm1", f"{dst}.ln1") | norm(f"{src}.norm2", f"{dst}.ln2")
+        qkv = rearrange(
+            take(f"{src}.attn.qkv.weight"),
+            "(three head d_head) d_model -> three head d_model d_head", three=3, head=cfg.n_heads,
+        )
+        out[f"{dst}.attn.W_Q"], out[f"{dst}.attn.W_K"], out[f"{dst}.attn.W_V"] = qkv
+        if cfg.qkv_bias:
+            bias = rearrange(
+                take(f"{src}.attn.qkv.bias"), "(three head d_head) -> three head d_head",
+                three=3, head=cfg.n_heads,
+            )
+            out[f"{dst}.attn.b_Q"], out[f"{dst}.attn.b_K"], out[f"{dst}.attn.b_V"] = bias
+        if cfg.qk_norm:
+            out |= norm(f"{src}.attn.q_norm", f"{dst}.attn.q_norm")
+            out |= norm(f"{src}.attn.k_norm", f"{dst}.attn.k_norm")
+        out[f"{dst}.attn.W_O"] = rearrange(
+            take(f"{src}.attn.proj.weight"), "d_model (head d_head) -> head d_head d_model", head=cfg.n_heads
+        )
+        out[f"{dst}.mlp.W_in"] = take(f"{src}.mlp.fc1.weight").T
+        out[f"{dst}.mlp.W_out"] = take(f"{src}.mlp.fc2.weight").T
+        if cfg.proj_bias:
+            out[f"{dst}.attn.b_O"] = take(f"{src}.attn.proj.bias")
+            out[f"{dst}.mlp.b_in"] = take(f"{src}.mlp.fc1.bias")
+            out[f"{dst}.mlp.b_out"] = take(f"{src}.mlp.fc2.bias")
+        if cfg.layer_scale:
+            out[f"{dst}.gamma_attn"] = take(f"{src}.ls1.gamma")
+            out[f"{dst}.gamma_mlp"] = take(f"{src}.ls2.gamma")
+    if cfg.final_norm != "none":
+        out |= norm("fc_norm" if cfg.final_norm == "pooled" else "norm", "ln_final")
+    out["head.W_U"] = take("head.weight").T
+    out["head.b_U"] = take("head.bias")
+    if cfg.distilled:
+        out["head.W_U_dist"] = take("head_dist.weight").T
+        out["head.b_U_dist"] = take("head_dist.bias")
+    leftover = sorted(set(source) - taken)
+    if leftover:
+        raise ValueError(f"timm state dict has keys HookedViT cannot place: {leftover}")
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def data_config_from_timm(model: nn.Module, cfg: ViTConfig) -> DataConfig:
+    """The preprocessing timm would use for this model (``resolve_model_data_config``), at the
+    input size the model was built for."""
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(model) | {"input_size": (cfg.in_chans, *cfg.img_size)}
+    return DataConfig.from_dict(config)
+
+
+def from_timm(model_or_name: Any, pretrained: bool = False, **timm_kwargs) -> HookedViT:
+    """Build a HookedViT equal to a timm VisionTransformer.
+
+    Args:
+        model_or_name: a built timm model (the offline path), or a model name passed to
+            ``timm.create_model(name, pretrained=pretrained, **timm_kwargs)``; with
+            ``pretrained=True`` timm downloads the weights from its hub.
+        pretrained, timm_kwargs: only with a name.
+
+    Returns:
+        HookedViT in eval mode on the timm model's device and dtype, with timm's data config
+        (mean, std, input size, interpolation) and, when timm knows them, class names.
+    """
+    import timm
+
+    if isinstance(model_or_name, str):
+        model = timm.create_model(model_or_name, pretrained=pretrained, **timm_kwargs)
+    elif isinstance(model_or_name, nn.Module):
+        if pretrained or timm_kwargs:
+            raise ValueError("pretrained and timm_kwargs apply only when model_or_name is a model name")
+        model = model_or_name
+    else:
+        raise ValueError(
+            f"model_or_name must be a timm model or a timm model name, got {type(model_or_name).__name__}"
+        )
+    cfg = config_from_timm(model)
+    reference = next(model.parameters())
+    hooked = HookedViT(cfg, data_config=data_config_from_timm(model, cfg), class_names=_class_names(model))
+    hooked.to(device=reference.device, dtype=reference.dtype)
+    load_state_dict_strictly(hooked, convert_timm_state_dict(model.state_dict(), cfg))
+    return hooked.eval()
+
+
+def _class_names(model: nn.Module) -> tuple[str, ...] | None:
+    """ImageNet label descriptions when timm can tell the model's label set, else None."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model) if getattr(model, "pretrained_cfg", None) else None
+    return tuple(ImageNetInfo(subset).label_descriptions()) if subset else None

@@ -1,0 +1,160 @@
+"""CIFAR-10 images as uint8 tensors, and the canvas images with a known object box.
+
+Two input kinds are used throughout the project:
+
+- *full frame*: a 32x32 CIFAR-10 image upsampled to the model's input size;
+- *canvas*: the 32x32 image pasted at a random position on a larger canvas whose background is
+  smooth random noise (no class evidence), so every canvas image has a known object box.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """A set of images held in memory.
+
+    Attributes:
+        images: uint8 tensor [batch, channel, height, width].
+        labels: int64 tensor [batch].
+        class_names: class index -> name (alphabetical folder order, as ImageFolder).
+    """
+
+    images: Tensor
+    labels: Tensor
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Tensor | list[int]) -> "LabelledImages":
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return LabelledImages(self.images[indices], self.labels[indices], self.class_names)
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _stack(items: list[tuple[str, str, np.ndarray]]) -> LabelledImages:
+    items.sort(key=lambda item: (item[0], item[1]))
+    class_names = tuple(sorted({cls for cls, _, _ in items}))
+    index = {name: i for i, name in enumerate(class_names)}
+    images = torch.from_numpy(np.stack([array for _, _, array in items])).permute(0, 3, 1, 2)
+    labels = torch.tensor([index[cls] for cls, _, _ in items], dtype=torch.long)
+    return LabelledImages(images.contiguous(), labels, class_names)
+
+
+def load_image_folder(path: str | Path, split: str | None = None) -> LabelledImages:
+    """Load an ImageFolder-layout directory, or a ``.tar.gz`` archive of one, into memory.
+
+    Args:
+        path: a folder ``<class>/<image>`` or an archive such as ``../shared/data/cifar10/test.tar.gz``
+            (read without unpacking; files are grouped by their parent folder name).
+        split: for archives holding several splits, keep only members whose path contains
+            ``/{split}/``.
+
+    Returns:
+        LabelledImages with classes in alphabetical order. All images must share one size.
+    """
+    path = Path(path)
+    items: list[tuple[str, str, np.ndarray]] = []
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        with tarfile.open(path) as archive:
+            for member in archive:
+                name = member.name
+                if not member.isfile() or not name.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                if split is not None and f"/{split}/" not in f"/{name}":
+                    continue
+                parts = name.split("/")
+                items.append((parts[-2], parts[-1], _decode(archive.extractfile(member).read())))
+    elif path.is_dir():
+        for file in path.glob("*/*"):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                items.append((file.parent.name, file.name, _decode(file.read_bytes())))
+    else:
+        raise ValueError(f"path must be an image folder or a .tar.gz archive, got {str(path)!r}")
+    if not items:
+        raise ValueError(f"path holds no images in <class>/<image> layout: {str(path)!r}")
+    return _stack(items)
+
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """uint8 or float [batch, channel, h, w] -> float in [0, 1], [batch, channel, size, size]."""
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def smooth_noise_background(
+    batch: int, canvas_size: int, generator: torch.Generator, channels: int = 3
+) -> Tensor:
+    """Random low-frequency colour noise, float [batch, channel, canvas_size, canvas_size] in [0, 1].
+
+    Class-independent: a coarse 4x4 Gaussian field upsampled bicubically, plus faint pixel noise.
+    """
+    coarse = 0.5 + 0.2 * torch.randn(batch, channels, 4, 4, generator=generator)
+    field = F.interpolate(coarse, size=(canvas_size, canvas_size), mode="bicubic", align_corners=False)
+    field = field + 0.03 * torch.randn(batch, channels, canvas_size, canvas_size, generator=generator)
+    return field.clamp(0, 1)
+
+
+def paste_on_canvas(
+    images: Tensor, canvas_size: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Paste each image at a random position on a smooth-noise canvas.
+
+    Args:
+        images: uint8 or [0, 1] float [batch, channel, h, w] with h, w <= canvas_size.
+        canvas_size: side of the square canvas in pixels.
+        generator: seeds background and positions.
+
+    Returns:
+        canvases: float [batch, channel, canvas_size, canvas_size] in [0, 1].
+        boxes: int64 [batch, 4] as (top, left, height, width) in canvas pixels.
+    """
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    batch, channels, height, width = images.shape
+    if height > canvas_size or width > canvas_size:
+        raise ValueError(f"canvas_size must be >= image size {height}x{width}, got {canvas_size}")
+    canvases = smooth_noise_background(batch, canvas_size, generator, channels)
+    tops = torch.randint(0, canvas_size - height + 1, (batch,), generator=generator)
+    lefts = torch.randint(0, canvas_size - width + 1, (batch,), generator=generator)
+    for i in range(batch):
+        top, left = int(tops[i]), int(lefts[i])
+        canvases[i, :, top : top + height, left : left + width] = images[i]
+    boxes = torch.stack([tops, lefts, torch.full_like(tops, height), torch.full_like(tops, width)], 1)
+    return canvases, boxes
+
+
+def boxes_to_masks(boxes: Tensor, size: int) -> Tensor:
+    """(top, left, height, width) boxes [batch, 4] -> bool masks [batch, size, size]."""
+    rows = torch.arange(size).view(1, size, 1)
+    cols = torch.arange(size).view(1, 1, size)
+    top, left, height, width = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+    return (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+
+
+def canvas_test_set(
+    images: LabelledImages, canvas_size: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The deterministic canvas version of a test set: (canvases [batch, 3, S, S], boxes [batch, 4])."""
+    return paste_on_canvas(images.images, canvas_size, torch.Generator().manual_seed(seed))

@@ -1,0 +1,85 @@
+"""Multi-head self-attention with TransformerLens hook points."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from vitlens_patch.model.components.layer_norm import LayerNorm, is_hooked
+from vitlens_patch.model.config import ViTConfig
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head attention.
+
+    Weights follow TransformerLens: W_Q, W_K, W_V [head, d_model, d_head], W_O [head, d_head, d_model].
+    When neither ``hook_attn_scores`` nor ``hook_pattern`` is hooked, the pattern is never
+    materialised and ``F.scaled_dot_product_attention`` is used; otherwise the pattern is computed
+    explicitly. Both paths agree within 1e-5.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        shape = (cfg.n_heads, cfg.d_model, cfg.d_head)
+        self.W_Q = nn.Parameter(torch.empty(shape))
+        self.W_K = nn.Parameter(torch.empty(shape))
+        self.W_V = nn.Parameter(torch.empty(shape))
+        self.W_O = nn.Parameter(torch.empty(cfg.n_heads, cfg.d_head, cfg.d_model))
+        bias = (lambda: nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))) if cfg.qkv_bias else (lambda: None)
+        self.b_Q, self.b_K, self.b_V = bias(), bias(), bias()
+        self.b_O = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.proj_bias else None
+        self.q_norm = LayerNorm(cfg.d_head, cfg.eps) if cfg.qk_norm else None
+        self.k_norm = LayerNorm(cfg.d_head, cfg.eps) if cfg.qk_norm else None
+        self.use_attn_result = False
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]: scaled, pre-softmax
+        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]: softmax of the scores
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]: pattern-weighted values
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model]: per-head output (use_attn_result)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # One fused matmul for q, k and v, as timm does.
+        weight = rearrange(
+            torch.stack([self.W_Q, self.W_K, self.W_V]),
+            "three head d_model d_head -> (three head d_head) d_model",
+        )
+        bias = None if self.b_Q is None else torch.cat([self.b_Q, self.b_K, self.b_V]).flatten()
+        qkv = F.linear(x, weight, bias)
+        qkv = rearrange(
+            qkv, "batch pos (three head d_head) -> three batch pos head d_head",
+            three=3, head=self.cfg.n_heads,
+        )
+        return qkv.unbind(0)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        q, k, v = self._qkv(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        # [batch, pos, head, d_head] -> [batch, head, pos, d_head] for the attention kernels
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern):
+            scores = self.hook_attn_scores((q * self.cfg.d_head**-0.5) @ k.transpose(-2, -1))
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            z = pattern @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v)
+        z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+        if self.use_attn_result:
+            result = self.hook_result(
+                einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+            )
+            out = result.sum(dim=2)
+            return out if self.b_O is None else out + self.b_O
+        return F.linear(
+            rearrange(z, "batch pos head d_head -> batch pos (head d_head)"),
+            rearrange(self.W_O, "head d_head d_model -> d_model (head d_head)"),
+            self.b_O,
+        )

@@ -1,0 +1,46 @@
+"""A pre-norm transformer block with TransformerLens residual hook points."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from vitlens_patch.model.components.attention import Attention
+from vitlens_patch.model.components.layer_norm import LayerNorm
+from vitlens_patch.model.components.mlp import MLP
+from vitlens_patch.model.config import ViTConfig
+
+
+class TransformerBlock(nn.Module):
+    """``resid_mid = resid_pre + attn_out``; ``resid_post = resid_mid + mlp_out``.
+
+    ``attn_out`` and ``mlp_out`` are what is added to the residual stream: with layer scale they
+    include the per-channel scales ``gamma_attn`` / ``gamma_mlp`` [d_model].
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
+        self.attn = Attention(cfg)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
+        self.mlp = MLP(cfg)
+        self.gamma_attn = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
+        self.gamma_mlp = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.attn(self.ln1(resid_pre))
+        if self.gamma_attn is not None:
+            attn_out = attn_out * self.gamma_attn
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
+        mlp_out = self.mlp(self.ln2(resid_mid))
+        if self.gamma_mlp is not None:
+            mlp_out = mlp_out * self.gamma_mlp
+        return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))

@@ -1,0 +1,59 @@
+"""Patch, prefix-token and position embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from vitlens_patch.model.config import ViTConfig
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens: a stride-``patch_size`` convolution.
+
+    W_E [d_model, in_chans, patch_h, patch_w]; tokens come out row-major over the patch grid.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.W_E = nn.Parameter(torch.empty(cfg.d_model, cfg.in_chans, *cfg.patch_size))
+        self.b_E = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.patch_embed_bias else None
+
+    def forward(
+        self, images: Float[Tensor, "batch channel height width"]
+    ) -> Float[Tensor, "batch n_patches d_model"]:
+        grid = F.conv2d(images, self.W_E, self.b_E, stride=self.patch_size)
+        return rearrange(grid, "batch d_model grid_h grid_w -> batch (grid_h grid_w) d_model")
+
+
+class PrefixTokens(nn.Module):
+    """Prepends the learned prefix tokens, W_prefix [n_prefix_tokens, d_model], in timm's order:
+    class, distillation, registers."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.W_prefix = nn.Parameter(torch.empty(cfg.n_prefix_tokens, cfg.d_model))
+
+    def forward(self, patches: Float[Tensor, "batch n_patches d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return torch.cat([self.W_prefix.expand(patches.shape[0], -1, -1), patches], dim=1)
+
+
+class PosEmbed(nn.Module):
+    """Learned absolute position embeddings for every token, [batch, pos, d_model].
+
+    W_pos [n_pos, d_model], or [n_patches, d_model] when prefix positions are not embedded (timm's
+    ``no_embed_class``); then the prefix rows are zeros, which adds exactly what timm adds.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.n_unembedded = 0 if cfg.pos_embed_prefix else cfg.n_prefix_tokens
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_pos - self.n_unembedded, cfg.d_model))
+
+    def forward(self, batch: int) -> Float[Tensor, "batch pos d_model"]:
+        return F.pad(self.W_pos, (0, 0, self.n_unembedded, 0)).expand(batch, -1, -1)

@@ -1,0 +1,39 @@
+"""LayerNorm with TransformerLens hook points."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+
+def is_hooked(hook_point: HookPoint) -> bool:
+    """Whether any forward or backward hook is attached (such hooks need the explicit path)."""
+    return bool(hook_point._forward_hooks or hook_point._backward_hooks)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, ``(x - mean) / scale * w + b``.
+
+    Takes ``[..., length]`` (``length`` is d_model, or d_head for qk-norm). Uses the fused
+    ``F.layer_norm`` unless ``hook_scale`` is hooked; both paths agree within 1e-5.
+    """
+
+    def __init__(self, length: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(length))
+        self.b = nn.Parameter(torch.zeros(length))
+        self.hook_scale = HookPoint()  # [..., 1]: sqrt(var + eps)
+        self.hook_normalized = HookPoint()  # [..., length]: after w and b
+
+    def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+        if is_hooked(self.hook_scale):
+            x = x - x.mean(-1, keepdim=True)
+            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            x = x / scale * self.w + self.b
+        else:
+            x = F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
+        return self.hook_normalized(x)

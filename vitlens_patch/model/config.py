@@ -1,0 +1,127 @@
+"""ViTConfig: the architecture of a HookedViT, and nothing else (no training or run settings)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
+POOLINGS = ("token", "avg", "max", "avgmax", "distilled")
+FINAL_NORMS = ("tokens", "pooled", "none")
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a Vision Transformer.
+
+    Attributes:
+        n_layers: number of transformer blocks.
+        d_model: residual stream width.
+        n_heads, d_head: attention heads and their width.
+        d_mlp: MLP hidden width.
+        img_size: input (height, width) in pixels (an int means square).
+        patch_size: patch (height, width) in pixels (an int means square).
+        in_chans: input channels.
+        n_classes: classifier outputs.
+        class_token: whether a class token is prepended.
+        n_register_tokens: register tokens after the class token (Darcet et al. 2023).
+        distilled: DeiT distillation token after the class token, with a second head averaged in.
+        pos_embed_prefix: whether position embeddings cover the prefix tokens (timm's
+            ``not no_embed_class``).
+        pre_norm: LayerNorm on the tokens before block 0 (CLIP's ``ln_pre``).
+        final_norm: where the final LayerNorm sits: on all "tokens" before pooling, on the
+            "pooled" vector (timm's ``fc_norm``), or "none".
+        pooling: "token" (class token), "avg" / "max" / "avgmax" over patch tokens, or
+            "distilled" (class and distillation tokens through two heads, averaged).
+        layer_scale: per-channel scales on the attention and MLP outputs (CaiT / DeiT-3).
+        qkv_bias, proj_bias, patch_embed_bias: presence of those biases (proj_bias also covers
+            the MLP's linear layers, as in timm).
+        qk_norm: LayerNorm on each head's queries and keys.
+        activation: MLP activation, one of ``ACTIVATIONS``.
+        eps: LayerNorm epsilon.
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    n_classes: int = 1000
+    d_head: int | None = None
+    in_chans: int = 3
+    class_token: bool = True
+    n_register_tokens: int = 0
+    distilled: bool = False
+    pos_embed_prefix: bool = True
+    pre_norm: bool = False
+    final_norm: Literal["tokens", "pooled", "none"] = "tokens"
+    pooling: Literal["token", "avg", "max", "avgmax", "distilled"] = "token"
+    layer_scale: bool = False
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    patch_embed_bias: bool = True
+    qk_norm: bool = False
+    activation: Literal["gelu", "gelu_tanh", "quick_gelu", "relu"] = "gelu"
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "img_size", _pair(self.img_size))
+        object.__setattr__(self, "patch_size", _pair(self.patch_size))
+        if self.d_head is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model must be divisible by n_heads when d_head is not given, "
+                    f"got d_model={self.d_model}, n_heads={self.n_heads}"
+                )
+            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        for name, value in [("n_layers", self.n_layers), ("d_model", self.d_model),
+                            ("n_heads", self.n_heads), ("d_mlp", self.d_mlp),
+                            ("n_classes", self.n_classes), ("in_chans", self.in_chans)]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for axis in range(2):
+            if self.img_size[axis] % self.patch_size[axis]:
+                raise ValueError(
+                    f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}"
+                )
+        for name, value, allowed in [("activation", self.activation, ACTIVATIONS),
+                                     ("pooling", self.pooling, POOLINGS),
+                                     ("final_norm", self.final_norm, FINAL_NORMS)]:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if (self.pooling == "token") and not self.class_token:
+            raise ValueError("pooling='token' needs class_token=True")
+        if (self.pooling == "distilled") != self.distilled:
+            raise ValueError("pooling='distilled' and distilled=True go together")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, cols); patch p sits at ``divmod(p, cols)``."""
+        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Class, distillation and register tokens, which come before the patch tokens."""
+        return int(self.class_token) + int(self.distilled) + self.n_register_tokens
+
+    @property
+    def n_pos(self) -> int:
+        """Sequence length: prefix tokens + patch tokens."""
+        return self.n_prefix_tokens + self.n_patches
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ViTConfig":
+        return cls(**config)

@@ -1,0 +1,222 @@
+"""HookedViT: a Vision Transformer whose every activation is a TransformerLens hook point."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from vitlens_patch.model.components import (
+    ClassifierHead,
+    LayerNorm,
+    PatchEmbed,
+    PosEmbed,
+    PrefixTokens,
+    TransformerBlock,
+    pool_tokens,
+)
+from vitlens_patch.model.config import ViTConfig
+from vitlens_patch.model.preprocess import DataConfig
+
+
+class HookedViT(HookedRootModule):
+    """A ViT classifier with TransformerLens hook points.
+
+    Forward: images [batch, channel, height, width] (normalised, see ``preprocess``) ->
+    logits [batch, n_classes]. Token order: prefix tokens (class, distillation, registers), then
+    patches row-major; patch p is token ``cfg.n_prefix_tokens + p`` at grid cell
+    ``divmod(p, cfg.grid_size[1])``.
+
+    Hook points (shapes):
+        hook_embed              [batch, n_patches, d_model]  patch embeddings
+        hook_pos_embed          [batch, pos, d_model]        position embeddings added
+        hook_full_embed         [batch, pos, d_model]        tokens + positions (prefix included);
+                                                             a hook may return fewer tokens
+        ln_pre.hook_*           [batch, pos, ...]            only when cfg.pre_norm (CLIP)
+        blocks.{i}.hook_resid_pre / hook_resid_mid / hook_resid_post   [batch, pos, d_model]
+        blocks.{i}.ln1/ln2.hook_scale [batch, pos, 1], .hook_normalized [batch, pos, d_model]
+        blocks.{i}.attn.hook_q/k/v/z                         [batch, pos, head, d_head]
+        blocks.{i}.attn.hook_attn_scores / hook_pattern      [batch, head, query_pos, key_pos]
+        blocks.{i}.attn.hook_result                          [batch, pos, head, d_model]
+                                                             (after set_use_attn_result(True))
+        blocks.{i}.hook_attn_out / hook_mlp_out              [batch, pos, d_model]
+        blocks.{i}.mlp.hook_pre / hook_post                  [batch, pos, d_mlp]
+        ln_final.hook_normalized  [batch, pos, d_model] ([batch, d_model] if final_norm="pooled")
+        hook_pooled             [batch, d_model]   ([batch, 2, d_model] for distilled models)
+        hook_logits             [batch, n_classes]
+
+    Loaders: ``HookedViT.from_timm`` and ``HookedViT.from_hf``. ``data_config`` holds the
+    preprocessing the weights expect; ``class_names`` the label of each logit when known.
+    """
+
+    def __init__(
+        self,
+        cfg: ViTConfig,
+        data_config: DataConfig | None = None,
+        class_names: tuple[str, ...] | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.data_config = data_config or DataConfig(input_size=(cfg.in_chans, *cfg.img_size))
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self.embed = PatchEmbed(cfg)
+        self.hook_embed = HookPoint()  # [batch, n_patches, d_model]
+        self.prefix_tokens = PrefixTokens(cfg)
+        self.pos_embed = PosEmbed(cfg)
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_full_embed = HookPoint()  # [batch, pos, d_model]
+        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.pre_norm else None
+        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(cfg.d_model, cfg.eps) if cfg.final_norm != "none" else None
+        self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model] distilled)
+        self.head = ClassifierHead(cfg)
+        self.hook_logits = HookPoint()  # [batch, n_classes]
+        self.init_weights()
+        self.setup()
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random init for tests and from-scratch use (truncated normal, std 0.02, as timm)."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf in ("w", "gamma_attn", "gamma_mlp"):
+                    param.fill_(1.0)
+                elif leaf == "b" or leaf.startswith("b_"):
+                    param.zero_()
+                else:
+                    nn.init.trunc_normal_(param, std=0.02, a=-0.04, b=0.04, generator=generator)
+
+    # ----------------------------------------------------------------- properties and checks
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.W_E.dtype
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute per-head outputs (``attn.hook_result``); slower, as in TransformerLens."""
+        for block in self.blocks:
+            block.attn.use_attn_result = use_attn_result
+
+    def _check_device(self, x: Tensor, argument: str) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{argument} must be a torch.Tensor, got {type(x).__name__}")
+        if x.device != self.device:
+            raise ValueError(f"{argument} must be on the model's device {self.device}, got {x.device}")
+        if not x.is_floating_point():
+            raise ValueError(f"{argument} must be a float tensor (see preprocess), got {x.dtype}")
+        return x.to(self.dtype)
+
+    def _check_images(self, images: Tensor) -> Tensor:
+        images = self._check_device(images, "images")
+        expected = (self.cfg.in_chans, *self.cfg.img_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"images must have shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] "
+                f"(channels, height, width), got {tuple(images.shape)}"
+            )
+        return images
+
+    def _check_layer(self, layer: int, argument: str) -> int:
+        n_layers = self.cfg.n_layers
+        if not isinstance(layer, int) or not -n_layers <= layer <= n_layers:
+            raise ValueError(f"{argument} must be an int in [-{n_layers}, {n_layers}], got {layer!r}")
+        return layer % n_layers if layer < 0 else layer
+
+    # --------------------------------------------------------------------------- forward
+    def embed_tokens(
+        self, images: Float[Tensor, "batch channel height width"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Images -> the residual stream entering block 0."""
+        patches = self.hook_embed(self.embed(images))
+        pos = self.hook_pos_embed(self.pos_embed(patches.shape[0]))
+        tokens = self.hook_full_embed(self.prefix_tokens(patches) + pos)
+        return tokens if self.ln_pre is None else self.ln_pre(tokens)
+
+    def forward_head(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch n_classes"]:
+        """Residual stream after the last block -> logits."""
+        if self.cfg.final_norm == "tokens":
+            resid = self.ln_final(resid)
+        pooled = pool_tokens(resid, self.cfg)
+        if self.cfg.final_norm == "pooled":
+            pooled = self.ln_final(pooled)
+        return self.hook_logits(self.head(self.hook_pooled(pooled)))
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+    ) -> Tensor:
+        """Run the model, or part of it (as TransformerLens's ``start_at_layer``/``stop_at_layer``).
+
+        Args:
+            x: normalised images [batch, channel, height, width], or with ``start_at_layer=l``
+                the residual stream entering block l, [batch, pos, d_model].
+            start_at_layer: first block to run (default: embed the images and start at 0).
+            stop_at_layer: return the residual stream entering this block instead of logits.
+
+        Returns:
+            logits [batch, n_classes], or the residual stream [batch, pos, d_model].
+        """
+        if start_at_layer is None:
+            start, resid = 0, self.embed_tokens(self._check_images(x))
+        else:
+            start = self._check_layer(start_at_layer, "start_at_layer")
+            resid = self._check_device(x, "x")
+            if resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
+                raise ValueError(
+                    f"x must be a residual stream [batch, pos, {self.cfg.d_model}] when "
+                    f"start_at_layer is given, got {tuple(resid.shape)}"
+                )
+        stop = self.cfg.n_layers if stop_at_layer is None else self._check_layer(stop_at_layer, "stop_at_layer")
+        if stop < start:
+            raise ValueError(f"stop_at_layer ({stop}) must be >= start_at_layer ({start})")
+        for block in self.blocks[start:stop]:
+            resid = block(resid)
+        return resid if stop_at_layer is not None else self.forward_head(resid)
+
+    def run_with_cache(self, *model_args, return_cache_object: bool = True, **kwargs):
+        """Run and cache activations: (output, ActivationCache) so ``cache["resid_post", 3]`` works.
+
+        Takes TransformerLens's arguments (``names_filter``, ``device``, ``incl_bwd``...).
+        """
+        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        return out, (ActivationCache(cache_dict, self) if return_cache_object else cache_dict)
+
+    def preprocess(self, images) -> Float[Tensor, "batch channel height width"]:
+        """PIL images, uint8 arrays/tensors or [0, 1] float tensors -> normalised model input
+        [batch, channel, height, width] on the model's device and dtype."""
+        return self.data_config.preprocess(images).to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------------ hook lookup
+    def hook_point(self, name: str) -> HookPoint:
+        """The hook point called ``name``; unknown names raise ``KeyError`` with near matches."""
+        if name not in self.hook_dict:
+            near = difflib.get_close_matches(name, list(self.hook_dict), n=3)
+            raise KeyError(f"unknown hook name {name!r}; did you mean {near}?")
+        return self.hook_dict[name]
+
+    # ---------------------------------------------------------------------------- loaders
+    @classmethod
+    def from_timm(cls, model_or_name: Any, pretrained: bool = False, **timm_kwargs) -> "HookedViT":
+        """Convert a timm VisionTransformer (a built module, or a name for ``timm.create_model``)."""
+        from vitlens_patch.conversion.timm import from_timm
+
+        return from_timm(model_or_name, pretrained=pretrained, **timm_kwargs)
+
+    @classmethod
+    def from_hf(cls, model_or_name: Any) -> "HookedViT":
+        """Convert a Hugging Face ``ViTForImageClassification`` (a built model or a hub name/path)."""
+        from vitlens_patch.conversion.hf import from_hf
+
+        return from_hf(model_or_name)
