@@ -64,7 +64,7 @@ class DataConfig:
         if isinstance(images, Image.Image):
             images = np.asarray(images.convert("RGB" if self.input_size[0] == 3 else "L"))
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(np.ascontiguousarray(images))
+            images = torch.from_numpy(np.array(images))  # a writable copy
             if images.ndim == 2:
                 images = images[..., None]
             if images.ndim == 3:

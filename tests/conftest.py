@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny random models built the way users build them."""
+
+import pytest
+import timm
+import torch
+
+from vitlens_patch.model import HookedViT
+
+
+def tiny_timm_vit(**overrides) -> torch.nn.Module:
+    """A 2-layer, d_model 32 timm VisionTransformer on 32x32 images, patch 8, in eval mode."""
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(**kwargs).eval()
+
+
+@pytest.fixture
+def tiny_model() -> HookedViT:
+    return HookedViT.from_timm(tiny_timm_vit())
+
+
+@pytest.fixture
+def tiny_images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,156 @@
+"""HookedViT behaviour: hook points, cache shapes, fast paths, partial runs and input checks."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_timm_vit
+from vitlens_patch.model import HookedViT, ViTConfig
+
+
+def every_hook_model() -> HookedViT:
+    """A tiny model with every optional hook present (pre-norm, qk-norm, per-head results)."""
+    model = HookedViT.from_timm(tiny_timm_vit(pre_norm=True, qk_norm=True, reg_tokens=1))
+    model.set_use_attn_result(True)
+    return model
+
+
+def expected_shape(name: str, cfg: ViTConfig, batch: int) -> tuple[int, ...]:
+    pos, d_model, heads = cfg.n_pos, cfg.d_model, cfg.n_heads
+    leaf = name.rsplit(".", 1)[-1]
+    if name == "hook_embed":
+        return (batch, cfg.n_patches, d_model)
+    if name in ("hook_pooled",):
+        return (batch, d_model)
+    if name == "hook_logits":
+        return (batch, cfg.n_classes)
+    if ".q_norm." in name or ".k_norm." in name:
+        return (batch, pos, heads, 1 if leaf == "hook_scale" else cfg.d_head)
+    if leaf in ("hook_q", "hook_k", "hook_v", "hook_z"):
+        return (batch, pos, heads, cfg.d_head)
+    if leaf in ("hook_attn_scores", "hook_pattern"):
+        return (batch, heads, pos, pos)
+    if leaf == "hook_result":
+        return (batch, pos, heads, d_model)
+    if leaf in ("hook_pre", "hook_post"):
+        return (batch, pos, cfg.d_mlp)
+    if leaf == "hook_scale":
+        return (batch, pos, 1)
+    return (batch, pos, d_model)
+
+
+def test_cache_holds_every_hook_with_documented_shape(tiny_images):
+    model = every_hook_model()
+    _, cache = model.run_with_cache(tiny_images)
+    assert set(cache.keys()) == set(model.hook_dict)
+    for name in model.hook_dict:
+        assert tuple(cache[name].shape) == expected_shape(name, model.cfg, 3), name
+    assert cache["pattern", 1].shape == (3, 2, 18, 18)
+    assert torch.allclose(cache["pattern", 0].sum(-1), torch.ones(3, 2, 18), atol=1e-6)
+
+
+def test_every_hook_point_is_live(tiny_images):
+    model = every_hook_model()
+    with torch.no_grad():
+        clean = model(tiny_images)
+        for name in model.hook_dict:
+            noise = lambda act, hook: act + torch.randn_like(act)  # noqa: E731
+            patched = model.run_with_hooks(tiny_images, fwd_hooks=[(name, noise)])
+            assert (patched - clean).abs().max() > 1e-4, f"{name} did not change the logits"
+    assert all(not hp._forward_hooks for hp in model.hook_dict.values())
+
+
+def test_fast_and_explicit_paths_agree(tiny_images):
+    model = HookedViT.from_timm(tiny_timm_vit(qk_norm=True))
+    with torch.no_grad():
+        fast = model(tiny_images)
+        explicit = model.run_with_hooks(
+            tiny_images,
+            fwd_hooks=[(lambda name: name.endswith(("hook_pattern", "hook_scale")), lambda act, hook: act)],
+        )
+    assert (fast - explicit).abs().max() <= 1e-5
+
+
+def test_attn_result_sums_to_attn_out(tiny_images):
+    model = every_hook_model()
+    _, cache = model.run_with_cache(tiny_images)
+    attn = model.blocks[0].attn
+    summed = cache["result", 0].sum(2) + attn.b_O
+    assert torch.allclose(summed, cache["attn_out", 0], atol=1e-6)
+
+
+def test_start_and_stop_at_layer_compose(tiny_model, tiny_images):
+    with torch.no_grad():
+        full, cache = tiny_model.run_with_cache(tiny_images, names_filter=lambda name: "resid_pre" in name)
+        resid = tiny_model(tiny_images, stop_at_layer=1)
+        assert torch.equal(resid, cache["resid_pre", 1])
+        assert torch.allclose(tiny_model(resid, start_at_layer=1), full, atol=1e-6)
+        assert torch.equal(tiny_model(tiny_images, stop_at_layer=0), cache["resid_pre", 0])
+
+
+def test_full_embed_hook_may_drop_tokens(tiny_model, tiny_images):
+    keep_four = lambda act, hook: act[:, :4]  # noqa: E731
+    with tiny_model.hooks(fwd_hooks=[("hook_full_embed", keep_four)]):
+        logits, cache = tiny_model.run_with_cache(tiny_images, names_filter="blocks.1.hook_resid_post")
+    assert logits.shape == (3, 10)
+    assert cache["resid_post", 1].shape == (3, 4, 32)
+
+
+def test_bfloat16_follows_the_model(tiny_model, tiny_images):
+    model = tiny_model.to(torch.bfloat16)
+    assert model(tiny_images).dtype == torch.bfloat16
+    _, cache = model.run_with_cache(tiny_images, names_filter="hook_pooled")
+    assert cache["hook_pooled"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.randn(2, 1, 32, 32), r"images must have shape \[batch, 3, 32, 32\]"),
+        (torch.randn(2, 3, 64, 64), r"images must have shape \[batch, 3, 32, 32\]"),
+        (torch.randn(3, 32, 32), "got \\(3, 32, 32\\)"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "float tensor"),
+        ("not a tensor", "torch.Tensor"),
+    ],
+)
+def test_bad_images_raise_value_error(tiny_model, images, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(images)
+
+
+def test_wrong_device_raises_value_error(tiny_model):
+    with pytest.raises(ValueError, match="model's device cpu, got meta"):
+        tiny_model(torch.empty(1, 3, 32, 32, device="meta"))
+
+
+def test_bad_layers_raise_value_error(tiny_model, tiny_images):
+    with pytest.raises(ValueError, match="stop_at_layer must be an int in"):
+        tiny_model(tiny_images, stop_at_layer=5)
+    with pytest.raises(ValueError, match="residual stream"):
+        tiny_model(tiny_images, start_at_layer=1)
+
+
+def test_unknown_hook_name_suggests_near_matches(tiny_model):
+    with pytest.raises(KeyError, match="blocks.0.hook_resid_pre"):
+        tiny_model.hook_point("blocks.0.hook_resid_pr")
+
+
+def test_preprocess_accepts_pil_uint8_and_float():
+    import numpy as np
+    from PIL import Image
+
+    model = HookedViT.from_timm(tiny_timm_vit())
+    array = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    from_pil = model.preprocess(Image.fromarray(array))
+    from_uint8 = model.preprocess(array)
+    from_float = model.preprocess(torch.from_numpy(array).permute(2, 0, 1).float() / 255)
+    assert from_pil.shape == (1, 3, 32, 32)
+    assert torch.allclose(from_pil, from_uint8) and torch.allclose(from_uint8, from_float, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.preprocess(torch.randn(1, 3, 32, 32) * 5)
+
+
+def test_config_rejects_inconsistent_architecture():
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, img_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, activation="swish")
