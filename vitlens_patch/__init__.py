@@ -1,0 +1,45 @@
+"""vitlens_patch: causal tracing, activation patching and CAAP attribution for Vision Transformers.
+
+Public names are imported lazily, so ``import vitlens_patch`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "HookedViT": "vitlens_patch.model",
+    "ViTConfig": "vitlens_patch.model",
+    "DataConfig": "vitlens_patch.model",
+    "run_restore": "vitlens_patch.patching",
+    "Site": "vitlens_patch.patching",
+    "TraceResult": "vitlens_patch.patching",
+    "trace_layers": "vitlens_patch.patching",
+    "trace_grid": "vitlens_patch.patching",
+    "trace_heads": "vitlens_patch.patching",
+    "run_study": "vitlens_patch.studies",
+}
+_SUBMODULES = {
+    "corruptions": "vitlens_patch.patching.corruptions",
+    "attribution": "vitlens_patch.attribution",
+    "metrics": "vitlens_patch.metrics",
+    "plots": "vitlens_patch.plots",
+    "pretrained": "vitlens_patch.pretrained",
+    "recipes": "vitlens_patch.recipes",
+}
+
+__all__ = sorted([*_PUBLIC, *_SUBMODULES])
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(_SUBMODULES[name])
+    raise AttributeError(f"module 'vitlens_patch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,213 @@
+"""The batched restoration engine: every patching experiment in the project runs through here.
+
+A *cell* is a set of sites (hook, token positions, heads) whose clean activations replace the
+corrupted run's. ``run_restore`` evaluates many cells on many images at once:
+
+1. the clean run is cached once, at the hooks the cells restore;
+2. the corrupted run is cached once, at the residual stream entering each cell's first layer;
+3. cells are grouped by that first layer; each batch row is one (image, cell) pair, starting at
+   that layer from the cached corrupted residual stream (``start_at_layer``), so the shared
+   prefix is never recomputed; rows are chunked to stay within ``memory_budget_mb``;
+4. a hook at each restored hook point swaps in clean values where the row's cell asks for them,
+   with one ``torch.where`` over the whole chunk.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vitlens_patch.model import HookedViT
+from vitlens_patch.patching.scores import resolve_score, resolve_target
+from vitlens_patch.patching.sites import BLOCK_HOOK, HEAD_HOOKS, Cell, Site, check_site
+
+FwdHook = tuple[str, Callable]
+Corruption = Tensor | Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class RestoreOutput:
+    """Scores of the clean, corrupted and restored runs.
+
+    Attributes:
+        restored_score: [image, cell] score with the cell's clean activations restored.
+        clean_score, corrupted_score: [image].
+        target: [image] class each score refers to.
+    """
+
+    restored_score: Float[Tensor, "image cell"]
+    clean_score: Float[Tensor, " image"]
+    corrupted_score: Float[Tensor, " image"]
+    target: Int[Tensor, " image"]
+
+    @property
+    def effects(self) -> Float[Tensor, "image cell"]:
+        """Indirect effect per (image, cell): restored score - corrupted score."""
+        return self.restored_score - self.corrupted_score[:, None]
+
+
+def resolve_corruption(model: HookedViT, clean: Tensor, corrupted) -> tuple[Tensor, list[FwdHook]]:
+    """What the corrupted run sees: (images, forward hooks active during it).
+
+    ``corrupted`` may be a tensor of corrupted images (same shape as ``clean``), a callable
+    ``clean images -> corrupted images`` (e.g. ``functools.partial(corrupt_grayscale, data_config=...)``),
+    or an object with a ``hook`` attribute (a TransformerLens forward hook such as
+    ``EmbeddingNoise.hook``), applied to a run on the clean images.
+    """
+    if isinstance(corrupted, Tensor):
+        if corrupted.shape != clean.shape:
+            raise ValueError(
+                f"corrupted must have the same shape as clean {tuple(clean.shape)}, got {tuple(corrupted.shape)}"
+            )
+        return model._check_images(corrupted), []
+    if hasattr(corrupted, "hook"):
+        return clean, [corrupted.hook]
+    if callable(corrupted):
+        return resolve_corruption(model, clean, corrupted(clean))
+    raise ValueError(
+        "corrupted must be corrupted images, a callable images -> images, or an object with a "
+        f"forward `hook` (e.g. embedding noise), got {type(corrupted).__name__}"
+    )
+
+
+def _cached_run(
+    model: HookedViT, images: Tensor, names: set[str], hooks: Sequence[FwdHook] = ()
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward pass, storing the activations at ``names`` (only those are hooked, so every
+    other hook point keeps its fast path)."""
+    cache: dict[str, Tensor] = {}
+
+    def store(act: Tensor, hook) -> None:
+        cache[hook.name] = act.detach()
+
+    logits = model.run_with_hooks(images, fwd_hooks=[*hooks, *((name, store) for name in sorted(names))])
+    return logits, cache
+
+
+def _site_mask(site: Site, model: HookedViT, existing: Tensor | None) -> Tensor:
+    """Bool mask over one row's activation at the site's hook: [pos, 1] or [pos, head, 1]."""
+    cfg = model.cfg
+    has_heads = BLOCK_HOOK.match(site.hook_name).group(2) in HEAD_HOOKS
+    shape = (cfg.n_pos, cfg.n_heads, 1) if has_heads else (cfg.n_pos, 1)
+    mask = torch.zeros(shape, dtype=torch.bool) if existing is None else existing
+    positions = slice(None) if site.positions is None else list(site.positions)
+    if has_heads:
+        heads = slice(None) if site.heads is None else list(site.heads)
+        mask[positions, heads] = True
+    else:
+        mask[positions] = True
+    return mask
+
+
+def _bytes_per_row(model: HookedViT) -> int:
+    """Rough peak activation memory of one batch row in a no-grad forward pass."""
+    cfg = model.cfg
+    width = 6 * cfg.d_model + 2 * cfg.d_mlp + 2 * cfg.n_heads * cfg.n_pos
+    return cfg.n_pos * width * torch.finfo(model.dtype).bits // 8
+
+
+def run_restore(
+    model: HookedViT,
+    clean: Float[Tensor, "image channel height width"],
+    corrupted: Corruption,
+    cells: Sequence[Sequence[Site]],
+    *,
+    metric="prob",
+    target: int | Tensor | None = None,
+    memory_budget_mb: float = 1024,
+    progress: bool = True,
+) -> RestoreOutput:
+    """Score every cell restored into the corrupted run of every image, in batched passes.
+
+    Args:
+        model: the HookedViT (its device and dtype are used throughout).
+        clean: normalised clean images [image, channel, height, width].
+        corrupted: corrupted images [image, channel, height, width], a callable
+            ``clean -> corrupted``, or an object with a forward ``hook`` (embedding noise).
+        cells: each a sequence of :class:`Site` restored together; all sites must be block
+            hooks (``blocks.{l}.*``).
+        metric: "prob" (default), "logit", "logprob", ("logit_diff", other_class) or a callable
+            (logits, target) -> [batch]; see :func:`~vitlens_patch.patching.scores.resolve_score`.
+        target: class per image; default the clean run's prediction.
+        memory_budget_mb: activation memory allowed per batched pass; sets the rows per pass.
+        progress: show a progress bar.
+
+    Returns:
+        RestoreOutput with restored_score [image, cell] and the clean / corrupted baselines.
+    """
+    clean = model._check_images(clean)
+    corrupted_images, corrupted_hooks = resolve_corruption(model, clean, corrupted)
+    cells = [tuple(cell) for cell in cells]
+    if not cells or any(not cell for cell in cells):
+        raise ValueError("cells must be a non-empty list of non-empty site lists")
+    for cell in cells:
+        for site in cell:
+            check_site(site, model.cfg, model.hook_dict)
+    if memory_budget_mb <= 0:
+        raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+    score_fn = resolve_score(metric)
+    device = model.device
+
+    start_layers = [min(site.layer for site in cell) for cell in cells]
+    restored_names = {site.hook_name for cell in cells for site in cell}
+    with torch.no_grad():
+        clean_logits, clean_cache = _cached_run(model, clean, restored_names)
+        target = resolve_target(target, clean_logits, model.cfg.n_classes)
+        resid_names = {f"blocks.{layer}.hook_resid_pre" for layer in start_layers}
+        corrupted_logits, corrupted_cache = _cached_run(model, corrupted_images, resid_names, corrupted_hooks)
+    clean_score = score_fn(clean_logits, target).float()
+    corrupted_score = score_fn(corrupted_logits, target).float()
+
+    # One mask per (cell, hook name): where that cell restores clean values at that hook.
+    cell_masks: list[dict[str, Tensor]] = []
+    for cell in cells:
+        masks: dict[str, Tensor] = {}
+        for site in cell:
+            masks[site.hook_name] = _site_mask(site, model, masks.get(site.hook_name))
+        cell_masks.append({name: mask.to(device) for name, mask in masks.items()})
+
+    n_images = clean.shape[0]
+    rows_by_start: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for cell_index, layer in enumerate(start_layers):
+        rows_by_start[layer].extend((image, cell_index) for image in range(n_images))
+    chunk = max(1, int(memory_budget_mb * 2**20 // _bytes_per_row(model)))
+    chunks = [
+        (layer, rows[i : i + chunk]) for layer, rows in sorted(rows_by_start.items())
+        for i in range(0, len(rows), chunk)
+    ]
+
+    restored = torch.empty(n_images, len(cells), device=device)
+    with torch.no_grad():
+        for layer, rows in tqdm(chunks, desc="restoring", disable=not progress, leave=False):
+            images = torch.tensor([image for image, _ in rows], device=device)
+            cell_ids = [cell for _, cell in rows]
+            hooks = _restore_hooks(clean_cache, cell_masks, images, cell_ids)
+            resid = corrupted_cache[f"blocks.{layer}.hook_resid_pre"][images]
+            logits = model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=hooks)
+            restored[images, torch.tensor(cell_ids, device=device)] = score_fn(logits, target[images]).float()
+    return RestoreOutput(restored, clean_score, corrupted_score, target)
+
+
+def _restore_hooks(
+    clean_cache: dict[str, Tensor], cell_masks: list[dict[str, Tensor]], images: Tensor, cell_ids: list[int]
+) -> list[FwdHook]:
+    """Forward hooks for one chunk of rows: at each hook some row restores, swap in clean values."""
+    hooks = []
+    names = {name for cell in cell_ids for name in cell_masks[cell]}
+    for name in sorted(names):
+        some_mask = next(cell_masks[cell][name] for cell in cell_ids if name in cell_masks[cell])
+        empty = torch.zeros_like(some_mask)
+        mask = torch.stack([cell_masks[cell].get(name, empty) for cell in cell_ids])
+        clean = clean_cache[name][images]
+
+        def restore(act: Tensor, hook, mask=mask, clean=clean) -> Tensor:
+            return torch.where(mask, clean, act)
+
+        hooks.append((name, restore))
+    return hooks

@@ -1,0 +1,63 @@
+"""Scores of a run's logits for a target class: what a patching effect is measured in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+ScoreFn = Callable[[Float[Tensor, "batch n_classes"], Int[Tensor, " batch"]], Float[Tensor, " batch"]]
+SCORES = ("prob", "logit", "logprob", "logit_diff")
+
+
+def _gather(values: Tensor, target: Tensor) -> Tensor:
+    return values.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def _logit_diff(other: int | Tensor) -> ScoreFn:
+    def score(logits: Tensor, target: Tensor) -> Tensor:
+        others = torch.as_tensor(other, device=logits.device).expand_as(target)
+        return _gather(logits, target) - _gather(logits, others)
+
+    return score
+
+
+def resolve_score(score: str | tuple | ScoreFn) -> ScoreFn:
+    """``score`` -> a function (logits [batch, n_classes], target [batch]) -> [batch].
+
+    Args:
+        score: "prob" (softmax probability of the target), "logit", "logprob",
+            ("logit_diff", other_class) (target logit minus the other class's logit; ``other_class``
+            an int or a LongTensor broadcastable to [batch]), or a callable of (logits, target).
+    """
+    if callable(score):
+        return score
+    if isinstance(score, tuple) and len(score) == 2 and score[0] == "logit_diff":
+        return _logit_diff(score[1])
+    if score == "prob":
+        return lambda logits, target: _gather(logits.float().softmax(-1), target)
+    if score == "logit":
+        return lambda logits, target: _gather(logits.float(), target)
+    if score == "logprob":
+        return lambda logits, target: _gather(logits.float().log_softmax(-1), target)
+    raise ValueError(
+        f"metric must be 'prob', 'logit', 'logprob', ('logit_diff', other_class) or a callable "
+        f"(logits, target) -> [batch], got {score!r}"
+    )
+
+
+def resolve_target(target: int | Tensor | None, clean_logits: Tensor, n_classes: int) -> Tensor:
+    """Target class per image: None -> the clean run's prediction; an int or a [batch] tensor."""
+    batch = clean_logits.shape[0]
+    if target is None:
+        return clean_logits.argmax(-1)
+    target = torch.as_tensor(target, device=clean_logits.device, dtype=torch.long)
+    if target.ndim == 0:
+        target = target.expand(batch)
+    if target.shape != (batch,):
+        raise ValueError(f"target must be an int or a tensor of shape [{batch}], got shape {tuple(target.shape)}")
+    if target.min() < 0 or target.max() >= n_classes:
+        raise ValueError(f"target must be class indices in [0, {n_classes}), got {target.tolist()}")
+    return target

@@ -1,0 +1,155 @@
+"""Causal tracing sweeps on top of the engine: layers, layer x position, layer x head.
+
+A note on ``kind="resid"``: restoring ``hook_resid_post`` at *all* tokens of any layer restores
+the clean run exactly (normalised effect 1), because everything downstream depends only on that
+residual stream. Informative sweeps restore sub-layer outputs (``attn``, ``mlp``) or subsets of
+tokens (``trace_grid``).
+"""
+
+from __future__ import annotations
+
+from jaxtyping import Float
+from torch import Tensor
+
+from vitlens_patch.model import HookedViT
+from vitlens_patch.patching.engine import Corruption, RestoreOutput, run_restore
+from vitlens_patch.patching.results import TraceResult
+from vitlens_patch.patching.sites import PositionSelector, Site, kind_hook, layer_window, resolve_positions
+
+
+def _trace_result(
+    model: HookedViT, output: RestoreOutput, shape: tuple[int, ...], dims: tuple[str, ...],
+    coords: dict[str, list], settings: dict,
+) -> TraceResult:
+    settings = settings | {
+        "metric": settings["metric"] if isinstance(settings["metric"], (str, tuple)) else repr(settings["metric"]),
+        "target": output.target.tolist(),
+    }
+    return TraceResult(
+        effects=output.effects.reshape(output.effects.shape[0], *shape).cpu(),
+        dims=dims,
+        clean_score=output.clean_score.cpu(),
+        corrupted_score=output.corrupted_score.cpu(),
+        settings=settings,
+        coords=coords,
+        grid_size=model.cfg.grid_size,
+        n_prefix_tokens=model.cfg.n_prefix_tokens,
+    )
+
+
+def trace_layers(
+    model: HookedViT,
+    clean: Float[Tensor, "image channel height width"],
+    corrupted: Corruption,
+    *,
+    kind: str = "attn",
+    window: int = 3,
+    positions: PositionSelector = None,
+    metric="prob",
+    target: int | Tensor | None = None,
+    memory_budget_mb: float = 1024,
+    progress: bool = True,
+) -> TraceResult:
+    """Indirect effect of restoring a window of sub-layer outputs around each layer.
+
+    For each centre layer l, restores ``blocks.{j}.<kind hook>`` for every j in
+    ``range(max(0, l - window//2), min(n_layers, l - window//2 + window))`` at ``positions``.
+
+    Args:
+        model, clean, corrupted: as in :func:`~vitlens_patch.patching.engine.run_restore`.
+        kind: "attn" (hook_attn_out), "mlp" (hook_mlp_out), "resid" (hook_resid_post) or
+            "resid_pre" (hook_resid_pre).
+        window: layers restored per centre layer (3 = l-1, l, l+1).
+        positions: "all" (default), "cls", "patches", token indices or a patch-grid bool mask.
+        metric, target, memory_budget_mb, progress: passed to the engine.
+
+    Returns:
+        TraceResult with effects [image, layer].
+    """
+    hook, n_layers = kind_hook(kind), model.cfg.n_layers
+    tokens = resolve_positions(positions, model.cfg)
+    cells = [
+        tuple(Site(f"blocks.{j}.{hook}", tokens) for j in layer_window(layer, window, n_layers))
+        for layer in range(n_layers)
+    ]
+    output = run_restore(
+        model, clean, corrupted, cells, metric=metric, target=target,
+        memory_budget_mb=memory_budget_mb, progress=progress,
+    )
+    settings = dict(function="trace_layers", kind=kind, hook=hook, window=window, positions=list(tokens), metric=metric)
+    return _trace_result(model, output, (n_layers,), ("image", "layer"), {"layer": list(range(n_layers))}, settings)
+
+
+def trace_grid(
+    model: HookedViT,
+    clean: Float[Tensor, "image channel height width"],
+    corrupted: Corruption,
+    *,
+    kind: str = "resid_pre",
+    window: int = 1,
+    positions: PositionSelector = None,
+    metric="prob",
+    target: int | Tensor | None = None,
+    memory_budget_mb: float = 1024,
+    progress: bool = True,
+) -> TraceResult:
+    """ROME's heatmap: restore one token's sub-layer output over a window around each layer.
+
+    One cell per (centre layer l, token t): ``blocks.{j}.<kind hook>`` at token t for every j in
+    the window around l (same rule as :func:`trace_layers`). Token indices include the prefix
+    tokens (0 is the class token).
+
+    Returns:
+        TraceResult with effects [image, layer, position] and ``coords["position"]`` the token
+        indices.
+    """
+    hook, n_layers = kind_hook(kind), model.cfg.n_layers
+    tokens = resolve_positions(positions, model.cfg)
+    cells = [
+        tuple(Site(f"blocks.{j}.{hook}", (token,)) for j in layer_window(layer, window, n_layers))
+        for layer in range(n_layers)
+        for token in tokens
+    ]
+    output = run_restore(
+        model, clean, corrupted, cells, metric=metric, target=target,
+        memory_budget_mb=memory_budget_mb, progress=progress,
+    )
+    settings = dict(function="trace_grid", kind=kind, hook=hook, window=window, positions=list(tokens), metric=metric)
+    coords = {"layer": list(range(n_layers)), "position": list(tokens)}
+    return _trace_result(model, output, (n_layers, len(tokens)), ("image", "layer", "position"), coords, settings)
+
+
+def trace_heads(
+    model: HookedViT,
+    clean: Float[Tensor, "image channel height width"],
+    corrupted: Corruption,
+    *,
+    window: int = 1,
+    positions: PositionSelector = None,
+    metric="prob",
+    target: int | Tensor | None = None,
+    memory_budget_mb: float = 1024,
+    progress: bool = True,
+) -> TraceResult:
+    """Restore one attention head's output (``attn.hook_z``) over a window around each layer.
+
+    One cell per (centre layer l, head h): ``blocks.{j}.attn.hook_z`` of head h at ``positions``
+    for every j in the window around l.
+
+    Returns:
+        TraceResult with effects [image, layer, head].
+    """
+    cfg = model.cfg
+    tokens = resolve_positions(positions, cfg)
+    cells = [
+        tuple(Site(f"blocks.{j}.attn.hook_z", tokens, (head,)) for j in layer_window(layer, window, cfg.n_layers))
+        for layer in range(cfg.n_layers)
+        for head in range(cfg.n_heads)
+    ]
+    output = run_restore(
+        model, clean, corrupted, cells, metric=metric, target=target,
+        memory_budget_mb=memory_budget_mb, progress=progress,
+    )
+    settings = dict(function="trace_heads", hook="attn.hook_z", window=window, positions=list(tokens), metric=metric)
+    coords = {"layer": list(range(cfg.n_layers)), "head": list(range(cfg.n_heads))}
+    return _trace_result(model, output, (cfg.n_layers, cfg.n_heads), ("image", "layer", "head"), coords, settings)

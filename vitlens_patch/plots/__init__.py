@@ -1,0 +1,10 @@
+"""Plotly figure builders; each returns a ``go.Figure`` and never shows it."""
+
+from vitlens_patch.plots.tracing import (
+    plot_head_heatmap,
+    plot_layer_curve,
+    plot_patch_grid,
+    plot_position_heatmap,
+)
+
+__all__ = ["plot_head_heatmap", "plot_layer_curve", "plot_patch_grid", "plot_position_heatmap"]
