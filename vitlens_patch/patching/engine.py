@@ -121,6 +121,7 @@ def run_restore(
     metric="prob",
     target: int | Tensor | None = None,
     memory_budget_mb: float = 1024,
+    rows_per_pass: int | None = None,
     progress: bool = True,
 ) -> RestoreOutput:
     """Score every cell restored into the corrupted run of every image, in batched passes.
@@ -136,6 +137,7 @@ def run_restore(
             (logits, target) -> [batch]; see :func:`~vitlens_patch.patching.scores.resolve_score`.
         target: class per image; default the clean run's prediction.
         memory_budget_mb: activation memory allowed per batched pass; sets the rows per pass.
+        rows_per_pass: (image, cell) rows per batched pass, overriding ``memory_budget_mb``.
         progress: show a progress bar.
 
     Returns:
@@ -151,6 +153,8 @@ def run_restore(
             check_site(site, model.cfg, model.hook_dict)
     if memory_budget_mb <= 0:
         raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+    if rows_per_pass is not None and (not isinstance(rows_per_pass, int) or rows_per_pass < 1):
+        raise ValueError(f"rows_per_pass must be a positive int or None, got {rows_per_pass!r}")
     score_fn = resolve_score(metric)
     device = model.device
 
@@ -176,7 +180,7 @@ def run_restore(
     rows_by_start: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for cell_index, layer in enumerate(start_layers):
         rows_by_start[layer].extend((image, cell_index) for image in range(n_images))
-    chunk = max(1, int(memory_budget_mb * 2**20 // _bytes_per_row(model)))
+    chunk = rows_per_pass or max(1, int(memory_budget_mb * 2**20 // _bytes_per_row(model)))
     chunks = [
         (layer, rows[i : i + chunk]) for layer, rows in sorted(rows_by_start.items())
         for i in range(0, len(rows), chunk)

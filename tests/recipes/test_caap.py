@@ -1,0 +1,102 @@
+"""CAAP against a plain per-patch reference, and its interface."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_timm_vit
+from vitlens_patch.attribution import get_attributor
+from vitlens_patch.model import HookedViT
+from vitlens_patch.recipes.caap import CAAP, caap, context_images, default_layers
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedViT:
+    return HookedViT.from_timm(tiny_timm_vit(depth=4))
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def reference_caap(model, images, layers, context="blur"):
+    """One full forward per (image, patch), written from the definition."""
+    start, stop = layers
+    contexts = context_images(model, images, context)
+    maps = torch.empty(len(images), model.cfg.n_patches)
+    with torch.no_grad():
+        names = [f"blocks.{l}.hook_resid_pre" for l in range(start, stop)]
+        source_logits, source = model.run_with_cache(images, names_filter=lambda n: n in names)
+        target = source_logits.argmax(-1)
+        context_logit = model(contexts).gather(1, target[:, None])[:, 0]
+        for i in range(len(images)):
+            for patch in range(model.cfg.n_patches):
+                token = model.cfg.n_prefix_tokens + patch
+
+                def insert(act, hook, i=i, token=token):
+                    act = act.clone()
+                    act[:, token] = source[hook.name][i, token]
+                    return act
+
+                logits = model.run_with_hooks(contexts[i : i + 1], fwd_hooks=[(n, insert) for n in names])
+                maps[i, patch] = logits[0, target[i]] - context_logit[i]
+    return maps.reshape(len(images), *model.cfg.grid_size)
+
+
+@pytest.mark.parametrize("layers", [(1, 3), (0, 4), (2, 3)])
+@pytest.mark.parametrize("batch_size", [None, 5, 16])
+def test_caap_equals_per_patch_reference(model, images, layers, batch_size):
+    maps = caap(model, images, layers=layers, batch_size=batch_size, progress=False)
+    expected = reference_caap(model, images, layers)
+    assert maps.shape == (3, 4, 4)
+    assert (maps - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("context", ["zeros", "mean"])
+def test_caap_contexts_match_reference(model, images, context):
+    maps = caap(model, images, layers=(1, 3), context=context, progress=False)
+    assert (maps - reference_caap(model, images, (1, 3), context)).abs().max() <= 1e-4
+
+
+def test_maps_do_not_depend_on_image_batching(model, images):
+    together = caap(model, images, progress=False)
+    one_by_one = torch.cat([caap(model, images[i : i + 1], progress=False) for i in range(3)])
+    assert (together - one_by_one).abs().max() <= 1e-5
+
+
+def test_default_layers_are_the_middle_half():
+    assert default_layers(12) == (3, 9)
+    assert default_layers(4) == (1, 3)
+
+
+def test_upsampled_maps_have_image_shape(model, images):
+    maps = caap(model, images, upsample="bicubic", progress=False)
+    assert maps.shape == (3, 32, 32)
+
+
+def test_caap_is_registered_attributor(model, images):
+    attributor = get_attributor("caap", model, layers=(1, 3), progress=False)
+    assert isinstance(attributor, CAAP)
+    assert torch.allclose(attributor.attribute(images), caap(model, images, layers=(1, 3), progress=False), atol=1e-6)
+
+
+def test_prob_score_and_explicit_target(model, images):
+    maps = caap(model, images, score="prob", target=2, progress=False)
+    assert maps.abs().max() <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layers=(3, 2)), "layers must be a block range"),
+        (dict(layers=(0, 5)), "layers must be a block range"),
+        (dict(context="noise"), "context must be one of"),
+        (dict(context=torch.zeros(2, 3, 32, 32)), "context tensor must broadcast"),
+        (dict(upsample="nearest"), "upsample must be False"),
+        (dict(batch_size=0), "rows_per_pass must be a positive int"),
+        (dict(target=11), "target must be class indices"),
+    ],
+)
+def test_bad_arguments_raise_value_error(model, images, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        caap(model, images, progress=False, **kwargs)
