@@ -1,10 +1,15 @@
 """Shared fixtures: tiny random models built the way users build them."""
 
+import os
+
 import pytest
 import timm
 import torch
 
 from vitlens_patch.model import HookedViT
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one thread per xdist worker: no oversubscription on 2 cores
 
 
 def tiny_timm_vit(**overrides) -> torch.nn.Module:
