@@ -20,6 +20,13 @@ _PUBLIC = {
     "trace_grid": "vitlens_patch.patching",
     "trace_heads": "vitlens_patch.patching",
     "run_study": "vitlens_patch.studies",
+    "caap": "vitlens_patch.recipes",
+    "caap_layer_sweep": "vitlens_patch.recipes",
+    "grayscale_study": "vitlens_patch.recipes",
+    "cifar10_vit": "vitlens_patch.pretrained",
+    "evaluate": "vitlens_patch.evaluation",
+    "EvaluationSet": "vitlens_patch.evaluation",
+    "EvaluationResult": "vitlens_patch.evaluation",
 }
 _SUBMODULES = {
     "corruptions": "vitlens_patch.patching.corruptions",
@@ -28,6 +35,7 @@ _SUBMODULES = {
     "plots": "vitlens_patch.plots",
     "pretrained": "vitlens_patch.pretrained",
     "recipes": "vitlens_patch.recipes",
+    "evaluation": "vitlens_patch.evaluation",
 }
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])

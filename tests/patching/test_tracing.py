@@ -174,3 +174,14 @@ def test_patch_grid_mask_selects_patch_tokens(model, images):
     mask[0, 1] = mask[2, 3] = True
     result = trace_layers(model, clean, corrupted, positions=mask, progress=False)
     assert result.settings["positions"] == [2, 12]
+
+
+def test_corruption_by_name_equals_corrupted_images(model, images):
+    from vitlens_patch.patching.corruptions import corrupt_grayscale
+
+    clean, _ = images
+    by_name = trace_layers(model, clean, "grayscale", progress=False)
+    by_images = trace_layers(model, clean, corrupt_grayscale(clean, model.data_config), progress=False)
+    assert torch.equal(by_name.effects, by_images.effects)
+    with pytest.raises(ValueError, match="corruption must be one of"):
+        trace_layers(model, clean, "sepia", progress=False)

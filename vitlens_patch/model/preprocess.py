@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,12 +56,15 @@ class DataConfig:
         return inputs * std + mean
 
     def to_pixels(self, images) -> Float[Tensor, "batch channel height width"]:
-        """PIL image(s), uint8 arrays/tensors or [0, 1] float tensors -> float [batch, C, H, W] in [0, 1].
+        """Image paths, PIL image(s), uint8 arrays/tensors or [0, 1] float tensors -> float
+        [batch, C, H, W] in [0, 1].
 
         Resized (``interpolation``) and centre-cropped (``crop_pct``) to ``input_size``.
         """
         if isinstance(images, (list, tuple)):
             return torch.cat([self.to_pixels(image) for image in images])
+        if isinstance(images, (str, Path)):
+            images = Image.open(images)
         if isinstance(images, Image.Image):
             images = np.asarray(images.convert("RGB" if self.input_size[0] == 3 else "L"))
         if isinstance(images, np.ndarray):

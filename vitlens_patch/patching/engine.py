@@ -24,11 +24,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vitlens_patch.model import HookedViT
+from vitlens_patch.patching.corruptions import corrupt
 from vitlens_patch.patching.scores import resolve_score, resolve_target
 from vitlens_patch.patching.sites import BLOCK_HOOK, HEAD_HOOKS, Cell, Site, check_site
 
 FwdHook = tuple[str, Callable]
-Corruption = Tensor | Callable[[Tensor], Tensor]
+Corruption = Tensor | str | Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,14 @@ class RestoreOutput:
 def resolve_corruption(model: HookedViT, clean: Tensor, corrupted) -> tuple[Tensor, list[FwdHook]]:
     """What the corrupted run sees: (images, forward hooks active during it).
 
-    ``corrupted`` may be a tensor of corrupted images (same shape as ``clean``), a callable
-    ``clean images -> corrupted images`` (e.g. ``functools.partial(corrupt_grayscale, data_config=...)``),
-    or an object with a ``hook`` attribute (a TransformerLens forward hook such as
-    ``EmbeddingNoise.hook``), applied to a run on the clean images.
+    ``corrupted`` may be a tensor of corrupted images (same shape as ``clean``), the name of a
+    pixel corruption ("grayscale", "pixel_noise", "blur", "patches" with defaults, see
+    ``corruptions.corrupt``), a callable ``clean images -> corrupted images``, or an object with a
+    ``hook`` attribute (a TransformerLens forward hook such as ``EmbeddingNoise.hook``), applied to
+    a run on the clean images.
     """
+    if isinstance(corrupted, str):
+        return resolve_corruption(model, clean, corrupt(model, clean, corrupted))
     if isinstance(corrupted, Tensor):
         if corrupted.shape != clean.shape:
             raise ValueError(

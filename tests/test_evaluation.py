@@ -1,0 +1,299 @@
+"""The evaluation harness against direct metric calls, its table, storage and input checks."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from tests.conftest import tiny_timm_vit
+from vitlens_patch.attribution import AttentionRollout, RandomAttribution
+from vitlens_patch.data.cifar10 import LabelledImages
+from vitlens_patch.evaluation import METRICS, EvaluationResult, EvaluationSet, evaluate
+from vitlens_patch.metrics import (
+    deletion_auc,
+    insertion_auc,
+    localization_aupr,
+    pointing_game,
+    token_deletion_auc,
+)
+from vitlens_patch.model import HookedViT
+from vitlens_patch.recipes.caap import CAAP, caap
+
+METHODS = ["rollout", "random", "caap"]
+N_PER_CLASS = 2
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedViT:
+    return HookedViT.from_timm(tiny_timm_vit())
+
+
+@pytest.fixture(scope="module")
+def source() -> LabelledImages:
+    """12 random 16x16 images of 3 classes, smaller than the model's 32x32 input."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    return LabelledImages(images, torch.arange(12) % 3, ("ant", "bee", "cow"))
+
+
+@pytest.fixture(scope="module")
+def data(model, source) -> EvaluationSet:
+    return EvaluationSet.from_cifar10(model, source, 3 * N_PER_CLASS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def result(model, data) -> EvaluationResult:
+    # batch_size 4 over 6 images: two batches of different sizes
+    return evaluate(METHODS, model, data, batch_size=4, progress=False)
+
+
+def scores_of(result: EvaluationResult, method: str, metric: str) -> torch.Tensor:
+    rows = result.scores[(result.scores["method"] == method) & (result.scores["metric"] == metric)]
+    return torch.tensor(rows.sort_values("image")["value"].to_numpy())
+
+
+def test_from_cifar10_builds_balanced_full_frame_and_canvas_images(model, source, data):
+    assert len(data) == 6 and data.has_canvas
+    assert torch.bincount(data.labels).tolist() == [N_PER_CLASS] * 3
+    assert torch.equal(source.labels[data.source_indices], data.labels)
+    chosen = source.images[data.source_indices]
+    torch.testing.assert_close(data.images, model.preprocess(chosen))
+    # each mask is the 16x16 box, and the canvas shows the source image there at its own size
+    assert data.masks.flatten(1).sum(1).tolist() == [16 * 16] * 6
+    canvas = data.pixels(canvas=True)
+    for image, mask, original in zip(canvas, data.masks, chosen):
+        rows, cols = torch.nonzero(mask, as_tuple=True)
+        patch = image[:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        torch.testing.assert_close(patch, original.float() / 255, atol=1e-5, rtol=0)
+    again = EvaluationSet.from_cifar10(model, source, 6, seed=0)
+    other = EvaluationSet.from_cifar10(model, source, 6, seed=1)
+    assert torch.equal(again.canvas_images, data.canvas_images)
+    assert not torch.equal(other.masks, data.masks)
+
+
+def test_table_has_every_method_and_metric_with_the_interval_around_the_mean(result):
+    table = result.table()
+    assert list(table.columns) == ["method", "metric", "mean", "ci_low", "ci_high", "n", "higher_is_better"]
+    assert list(zip(table["method"], table["metric"])) == [(m, k) for m in METHODS for k in METRICS]
+    assert (table["n"] == 6).all()
+    assert ((table["ci_low"] <= table["mean"]) & (table["mean"] <= table["ci_high"])).all()
+    assert table["higher_is_better"].tolist() == [METRICS[k].higher_is_better for k in table["metric"]]
+
+
+def test_table_interval_is_the_student_t_interval():
+    values = np.array([0.1, 0.4, 0.35, 0.8, 0.2])
+    scores = pd.DataFrame({"method": "m", "metric": "deletion", "image": range(5), "value": values})
+    low, high = stats.t.interval(0.9, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    row = EvaluationResult(scores).table(confidence=0.9).iloc[0]
+    assert row["mean"] == pytest.approx(values.mean())
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+    single = EvaluationResult(scores.iloc[:1]).table().iloc[0]
+    assert single["n"] == 1 and np.isnan(single["ci_low"]) and np.isnan(single["ci_high"])
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 1.5"):
+        EvaluationResult(scores).table(confidence=1.5)
+
+
+def test_scores_equal_direct_metric_calls(model, data, result):
+    rollout = AttentionRollout(model, progress=False)
+    maps = rollout.attribute(data.images, data.labels)
+    canvas_maps = rollout.attribute(data.canvas_images, data.labels)
+    torch.testing.assert_close(result.maps["rollout"], maps)
+    torch.testing.assert_close(result.canvas_maps["rollout"], canvas_maps)
+    direct = {
+        "deletion": deletion_auc(model, data.images, maps, data.labels, progress=False),
+        "insertion": insertion_auc(model, data.images, maps, data.labels, progress=False),
+        "token_deletion": token_deletion_auc(model, data.images, maps, data.labels, progress=False),
+        "aupr": localization_aupr(canvas_maps, data.masks),
+        "pointing_game": pointing_game(canvas_maps, data.masks).float(),
+    }
+    for metric, values in direct.items():
+        torch.testing.assert_close(scores_of(result, "rollout", metric), values.double(), msg=metric)
+    # CAAP explains the true label, as the harness does by default
+    torch.testing.assert_close(result.maps["caap"], caap(model, data.images, target=data.labels, progress=False))
+    predictions = model(data.images).argmax(-1)
+    frame = result.scores[result.scores["metric"] == "deletion"].drop_duplicates("image").sort_values("image")
+    assert frame["prediction"].tolist() == predictions.tolist()
+    assert frame["label"].tolist() == data.labels.tolist()
+
+
+def test_batch_size_does_not_change_the_scores(model, data, result):
+    whole = evaluate(["rollout", "caap"], model, data, ["deletion", "aupr"], batch_size=6, progress=False)
+    for method in ("rollout", "caap"):
+        for metric in ("deletion", "aupr"):
+            torch.testing.assert_close(scores_of(whole, method, metric), scores_of(result, method, metric))
+
+
+def test_predicted_target_explains_and_scores_the_models_class(model, data):
+    result = evaluate(["rollout"], model, data, ["deletion"], target="predicted", progress=False)
+    maps = AttentionRollout(model).attribute(data.images)
+    expected = deletion_auc(model, data.images, maps, None, progress=False)
+    torch.testing.assert_close(scores_of(result, "rollout", "deletion"), expected.double())
+    assert result.canvas_maps == {} and list(result.maps) == ["rollout"]
+
+
+def test_named_methods_and_their_options(model, data):
+    early = CAAP(model, layers=(0, 1), progress=False)
+    result = evaluate(
+        {"caap early": early, "caap late": "caap"}, model, data, ["pointing_game"],
+        method_options={"caap late": {"layers": (1, 2)}}, metric_options={"pointing_game": {"tolerance": 4.0}},
+        progress=False,
+    )
+    assert result.methods == ["caap early", "caap late"]
+    assert result.settings["methods"]["caap late"]["options"]["layers"] == [1, 2]
+    assert result.settings["methods"]["caap early"] == {
+        "class": "CAAP", "options": {"score": "logit", "upsample": False, "layers": [0, 1], "context": "blur"},
+    }
+    late = caap(model, data.canvas_images, target=data.labels, layers=(1, 2), progress=False)
+    torch.testing.assert_close(result.canvas_maps["caap late"], late)
+    expected = pointing_game(late, data.masks, tolerance=4.0).double()
+    torch.testing.assert_close(scores_of(result, "caap late", "pointing_game"), expected)
+
+
+class CountingRollout(AttentionRollout):
+    """Rollout recording the number of images it was asked to explain."""
+
+    def __init__(self, model, seen: list, **options):
+        super().__init__(model, **options)
+        self._seen = seen
+
+    def _attribute(self, images, target):
+        self._seen.append(len(images))
+        return super()._attribute(images, target)
+
+
+def test_an_out_directory_resumes_and_refuses_other_settings(model, data, tmp_path):
+    seen: list[int] = []
+    first = evaluate(
+        [CountingRollout(model, seen)], model, data, ["aupr"], batch_size=4, out=tmp_path, progress=False
+    )
+    assert sum(seen) == len(data) and first.methods == ["CountingRollout"]
+    seen.clear()
+    again = evaluate(
+        [CountingRollout(model, seen)], model, data, ["aupr"], batch_size=4, out=tmp_path, progress=False
+    )
+    assert seen == []
+    pd.testing.assert_frame_equal(again.scores, first.scores)
+    other_settings = r"holds an evaluation with other settings \(differing: \['metric_options', 'metrics'\]\)"
+    with pytest.raises(ValueError, match=other_settings):
+        evaluate([CountingRollout(model, seen)], model, data, ["pointing_game"], out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['fingerprint'\]\)"):
+        evaluate([CountingRollout(model, seen)], model, data.subset([1, 0, 2, 3, 4, 5]), ["aupr"],
+                 out=tmp_path, progress=False)
+
+
+def test_save_and_load_round_trip(result, tmp_path):
+    result.save(tmp_path / "evaluation")
+    loaded = EvaluationResult.load(tmp_path / "evaluation")
+    pd.testing.assert_frame_equal(loaded.scores, result.scores)
+    assert loaded.settings == result.settings
+    for name in ("maps", "canvas_maps"):
+        assert getattr(loaded, name).keys() == getattr(result, name).keys()
+        for method, maps in getattr(result, name).items():
+            assert torch.equal(getattr(loaded, name)[method], maps)
+    with pytest.raises(ValueError, match="path must be a directory written by EvaluationResult.save"):
+        EvaluationResult.load(tmp_path)
+
+
+def test_to_markdown_has_a_row_per_method_and_a_column_per_metric(result):
+    text = result.to_markdown(digits=2)
+    lines = text.splitlines()
+    assert lines[0] == "| method | deletion ↓ | insertion ↑ | token_deletion ↓ | aupr ↑ | pointing_game ↑ |"
+    row = result.table().iloc[0]
+    assert lines[2].startswith(f"| rollout | {row['mean']:.2f} ± {(row['ci_high'] - row['ci_low']) / 2:.2f} |")
+    assert [line.split(" | ")[0] for line in lines[2:5]] == [f"| {method}" for method in METHODS]
+    assert "95% Student-t confidence interval over 6 images" in lines[-1]
+
+
+def test_select_maps_and_pixels(data, result):
+    maps = result.select_maps([0, 2], canvas=True)
+    assert list(maps) == METHODS and all(m.shape == (2, 4, 4) for m in maps.values())
+    torch.testing.assert_close(maps["caap"], result.canvas_maps["caap"][[0, 2]])
+    pixels = data.pixels(range(3))
+    assert pixels.shape == (3, 3, 32, 32) and 0 <= pixels.min() and pixels.max() <= 1
+    empty = EvaluationResult(result.scores, maps=result.maps)
+    with pytest.raises(ValueError, match="canvas=True needs canvas maps, but this evaluation computed none"):
+        empty.select_maps([0], canvas=True)
+    with pytest.raises(ValueError, match=r"pixels\(\) needs the set's data_config"):
+        EvaluationSet(data.images, data.labels).pixels()
+
+
+BAD_ARGUMENTS = {
+    # name: (arguments of evaluate given the model and the data set, expected message)
+    "unknown metric": (
+        lambda model, data: dict(methods=["rollout"], metrics=["deletion", "iou"]),
+        r"metrics must be distinct names among \['deletion'.*got \['deletion', 'iou'\]",
+    ),
+    "repeated metric": (
+        lambda model, data: dict(methods=["rollout"], metrics=["aupr", "aupr"]),
+        "metrics must be distinct names",
+    ),
+    "unknown method": (
+        lambda model, data: dict(methods=["rolout"]),
+        r"methods must be among \[.*'caap'.*\] or Attributor instances, got unknown \['rolout'\]",
+    ),
+    "no method": (lambda model, data: dict(methods=[]), "methods must name at least one attribution method"),
+    "repeated method": (
+        lambda model, data: dict(methods=["random", RandomAttribution(model)]),
+        r"methods must have distinct names, got \['random'\]",
+    ),
+    "method of another model": (
+        lambda model, data: dict(methods=[AttentionRollout(HookedViT.from_timm(tiny_timm_vit()))]),
+        "methods must be bound to the evaluated model",
+    ),
+    "localization without masks": (
+        lambda model, data: dict(
+            methods=["rollout"], dataset=EvaluationSet(data.images, data.labels), metrics=["deletion", "aupr"]
+        ),
+        r"metrics \['aupr'\] need canvas images with object masks, but the dataset has none",
+    ),
+    "options of an unnamed method": (
+        lambda model, data: dict(methods=["rollout"], method_options={"caap": {}}),
+        r"method_options must only name methods given by registry name \['rollout'\], got \['caap'\]",
+    ),
+    "unknown metric option": (
+        lambda model, data: dict(methods=["rollout"], metric_options={"deletion": {"steps": 3}}),
+        r"metric_options\['deletion'\] must be among \['n_steps'",
+    ),
+    "options of an unevaluated metric": (
+        lambda model, data: dict(methods=["rollout"], metrics=["aupr"], metric_options={"deletion": {}}),
+        r"metric_options must only name evaluated metrics \['aupr'\]",
+    ),
+    "unknown target": (
+        lambda model, data: dict(methods=["rollout"], target="true"),
+        r"target must be one of \('label', 'predicted'\), got 'true'",
+    ),
+    "empty batches": (
+        lambda model, data: dict(methods=["rollout"], batch_size=0), "batch_size must be a positive int, got 0"
+    ),
+    "tensor as data set": (
+        lambda model, data: dict(methods=["rollout"], dataset=data.images),
+        "dataset must be an EvaluationSet, got Tensor",
+    ),
+    "images of another size": (
+        lambda model, data: dict(methods=["rollout"], dataset=EvaluationSet(data.images[..., :16, :16], data.labels)),
+        r"dataset images must be model inputs \[image, 3, 32, 32\], got \(6, 3, 16, 16\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_evaluate_rejects_bad_inputs(model, data, case):
+    arguments, message = BAD_ARGUMENTS[case]
+    kwargs = {"dataset": data, **arguments(model, data)}
+    with pytest.raises(ValueError, match=message):
+        evaluate(kwargs.pop("methods"), model, kwargs.pop("dataset"), progress=False, **kwargs)
+
+
+def test_evaluation_set_rejects_bad_inputs(model, source, data):
+    with pytest.raises(ValueError, match="canvas_images and masks must be given together"):
+        EvaluationSet(data.images, data.labels, canvas_images=data.canvas_images)
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor \[6\], got torch.float32 tensor"):
+        EvaluationSet(data.images, data.labels.float())
+    with pytest.raises(ValueError, match=r"masks must be a bool tensor \[6, 32, 32\], got torch.int64"):
+        EvaluationSet(data.images, data.labels, data.canvas_images, data.masks.long())
+    with pytest.raises(ValueError, match="n must be a positive multiple of the 3 classes, got 4"):
+        EvaluationSet.from_cifar10(model, source, 4)
+    large = LabelledImages(torch.zeros(3, 3, 32, 32, dtype=torch.uint8), torch.arange(3), ("a", "b", "c"))
+    with pytest.raises(ValueError, match=r"source images \(\(32, 32\)\) must be smaller than the model's square input"):
+        EvaluationSet.from_cifar10(model, large, 3)

@@ -1,0 +1,123 @@
+"""Accuracy of the shipped CIFAR-10 ViT on full-frame, canvas and grayscale test images.
+
+    python -m vitlens_patch.pretrained.evaluate_accuracy --data ../shared/data/cifar10/test.tar.gz
+
+- full frame: each 32x32 test image upsampled to the model's 64x64 input (``model.preprocess``);
+- canvas: each test image pasted at a random place on a smooth-noise canvas
+  (:func:`~vitlens_patch.data.cifar10.canvas_test_set`, canvas size from the weights' JSON, ``--seed``);
+- grayscale: the full-frame input with every pixel replaced by its luma
+  (:func:`~vitlens_patch.patching.corruptions.corrupt_grayscale`, the grayscale study's corruption).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vitlens_patch.data.cifar10 import LabelledImages, canvas_test_set, load_image_folder
+from vitlens_patch.model import HookedViT
+from vitlens_patch.patching.corruptions import corrupt_grayscale
+from vitlens_patch.pretrained import cifar10_vit, load_metadata, metadata_file
+
+INPUT_KINDS = ("full_frame", "canvas", "grayscale")
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: HookedViT,
+    data: LabelledImages,
+    *,
+    canvas_size: int,
+    seed: int = 0,
+    batch_size: int = 250,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Accuracy on the full-frame, canvas and grayscale versions of ``data``.
+
+    Args:
+        model: a HookedViT with ``data_config``, in eval mode.
+        data: labelled images, uint8 [image, channel, height, width] (e.g. 32x32 CIFAR-10).
+        canvas_size: side of the canvas the images are pasted on (``load_metadata()["canvas_size"]``).
+        seed: seeds the canvas backgrounds and positions.
+        batch_size: images per forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"full_frame": ..., "canvas": ..., "grayscale": ...}``, fractions correct.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    canvases, _ = canvas_test_set(data, canvas_size, seed)
+    correct = dict.fromkeys(INPUT_KINDS, 0)
+    for start in tqdm(range(0, len(data), batch_size), desc="accuracy", disable=not progress):
+        batch = slice(start, start + batch_size)
+        full_frame = model.preprocess(data.images[batch])
+        inputs = {
+            "full_frame": full_frame,
+            "canvas": model.preprocess(canvases[batch]),
+            "grayscale": corrupt_grayscale(full_frame, model.data_config),
+        }
+        labels = data.labels[batch].to(model.device)
+        for kind, images in inputs.items():
+            correct[kind] += (model(images).argmax(-1) == labels).sum().item()
+    return {kind: count / len(data) for kind, count in correct.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vitlens_patch.pretrained.evaluate_accuracy",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data", required=True,
+        help="test images: an ImageFolder-layout folder or a .tar.gz of one "
+        "(e.g. ../shared/data/cifar10/test.tar.gz)",
+    )
+    parser.add_argument(
+        "--weights", default=None,
+        help="a .safetensors file (with its .json beside it) or a folder holding cifar10_vit.safetensors; "
+        "default the weights shipped in the package",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="canvas seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--json", default=None, help="also write the accuracies to this JSON file")
+    parser.add_argument(
+        "--record", action="store_true",
+        help="store the accuracies under 'accuracy' in the weights' own JSON (the model card of the demo)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        model = cifar10_vit(args.weights, device=args.device)
+        metadata = load_metadata(args.weights)
+        data = load_image_folder(args.data)
+    except ValueError as error:
+        parser.error(str(error))
+    if data.class_names != model.class_names:
+        parser.error(f"--data must hold the classes {model.class_names}, got {data.class_names}")
+    accuracy = evaluate_accuracy(
+        model, data, canvas_size=metadata["canvas_size"], seed=args.seed, batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(f"full-frame accuracy ({len(data)} images): {accuracy['full_frame']:.4f}")
+    print(f"canvas accuracy ({len(data)} images, {metadata['canvas_size']}px canvas, seed {args.seed}): "
+          f"{accuracy['canvas']:.4f}")
+    print(f"grayscale accuracy ({len(data)} images): {accuracy['grayscale']:.4f}")
+    summary = dict(accuracy, n_images=len(data), canvas_seed=args.seed, data=Path(args.data).name)
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    if args.record:
+        metadata_path = metadata_file(args.weights)
+        metadata_path.write_text(json.dumps(dict(metadata, accuracy=summary), indent=2))
+        print(f"recorded in {metadata_path}")
+
+
+if __name__ == "__main__":
+    main()
