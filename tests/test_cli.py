@@ -76,25 +76,32 @@ def test_grayscale_study_command_writes_results_and_report(tmp_path, capsys):
     assert (tmp_path / "gray_window3.parquet.parts" / "results.parquet").is_file()
 
 
-def test_demo_writes_one_report(tmp_path, capsys):
-    out = tmp_path / "demo.html"
-    code, stdout, _ = run_cli(["demo", "--out", str(out), "--n-per-class", "1", "--no-progress"], capsys)
-    assert code == 0
-    assert Path(stdout.strip()) == out.resolve()
-    page = out.read_text()
+def test_demo_report_has_every_section_and_the_extra_ones(tmp_path):
+    def extra(model, sample):
+        return [Section("Extra section", f"{len(sample)} images")]
+
+    path = cli.run_demo(tmp_path / "demo.html", n_per_class=1, extra_sections=[extra], progress=False)
+    page = path.read_text()
     for title in ("The embedded model", "Causal trace of one image", "Grayscale study on the embedded images",
-                  "CAAP and the baselines"):
+                  "CAAP and the baselines", "Extra section"):
         assert title in page
+    assert "10 images" in page
     assert page.count("plotly.js v") == 1
     assert page.count('class="plotly-graph-div"') == 10
 
 
-def test_run_demo_appends_extra_sections(tmp_path):
-    def extra(model, sample):
-        return [Section("Extra section", f"{len(sample)} images")]
+def test_demo_command_passes_its_options_and_prints_the_path(tmp_path, capsys, monkeypatch):
+    calls = []
 
-    page = cli.run_demo(tmp_path / "demo.html", n_per_class=1, extra_sections=[extra], progress=False).read_text()
-    assert "Extra section" in page and "10 images" in page
+    def fake_run_demo(out, *, n_per_class, progress):
+        calls.append((out, n_per_class, progress))
+        return Path(out).resolve()
+
+    monkeypatch.setattr(cli, "run_demo", fake_run_demo)
+    out = tmp_path / "demo.html"
+    code, stdout, _ = run_cli(["demo", "--out", str(out), "--n-per-class", "2", "--no-progress"], capsys)
+    assert code == 0 and calls == [(str(out), 2, False)]
+    assert Path(stdout.strip()) == out.resolve()
 
 
 def test_evaluate_command_prints_table_and_writes_report(tmp_path, capsys):
@@ -110,6 +117,6 @@ def test_evaluate_command_prints_table_and_writes_report(tmp_path, capsys):
 
 def test_evaluate_command_rejects_bad_arguments(capsys):
     code, _, err = run_cli(["evaluate", "--n", "15", "--no-progress"], capsys)
-    assert code == 2 and "multiple of the number of classes" in err
+    assert code == 2 and "n must be a positive multiple of the 10 classes, got 15" in err
     code, _, err = run_cli(["evaluate", "--n", "10", "--methods", "lime", "--no-progress"], capsys)
     assert code == 2 and "lime" in err

@@ -11,6 +11,7 @@ from vitlens_patch.attribution import (
     get_attributor,
     register_attributor,
 )
+import vitlens_patch.recipes  # noqa: F401  registers "caap", so the table covers every method
 from vitlens_patch.model import HookedViT
 
 # Options that keep each method fast on the tiny model; methods not listed use their defaults.
