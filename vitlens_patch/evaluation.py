@@ -49,8 +49,9 @@ from torch.utils.data import TensorDataset
 import vitlens_patch.recipes.caap  # noqa: F401
 from vitlens_patch.attribution.base import Attributor
 from vitlens_patch.attribution.registry import ATTRIBUTORS, get_attributor
-from vitlens_patch.data.cifar10 import LabelledImages, boxes_to_masks, canvas_test_set, load_image_folder
+from vitlens_patch.data.cifar10 import LabelledImages, canvas_test_set, load_image_folder
 from vitlens_patch.metrics import (
+    boxes_to_masks,
     deletion_auc,
     insertion_auc,
     localization_aupr,
@@ -242,7 +243,7 @@ class EvaluationSet:
             images=model.preprocess(chosen.images).cpu(),
             labels=chosen.labels,
             canvas_images=model.data_config.normalize(canvases).to(model.dtype),
-            masks=boxes_to_masks(boxes, height),
+            masks=boxes_to_masks(boxes, (height, height)),
             class_names=images.class_names,
             source_indices=indices,
             data_config=model.data_config,

@@ -141,8 +141,8 @@ def test_no_hook_survives_an_error(model, images):
     "kwargs, message",
     [
         (dict(kind="attention"), "kind must be one of"),
-        (dict(window=0), r"window must be an int in \[1, 4\]"),
-        (dict(window=5), r"window must be an int in \[1, 4\]"),
+        (dict(window=0), "window must be an int >= 1, got 0"),
+        (dict(window=1.5), "window must be an int >= 1, got 1.5"),
         (dict(positions=[0, 17]), r"positions must be token indices in \[0, 17\)"),
         (dict(positions="middle"), "positions must be 'all', 'cls', 'patches'"),
         (dict(positions=torch.ones(3, 3, dtype=torch.bool)), r"patch-grid shape \(4, 4\)"),

@@ -129,7 +129,8 @@ def paste_on_canvas(
 
     Returns:
         canvases: float [batch, channel, canvas_size, canvas_size] in [0, 1].
-        boxes: int64 [batch, 4] as (top, left, height, width) in canvas pixels.
+        boxes: int64 [batch, 4] as (x_min, y_min, x_max, y_max) in canvas pixels, the convention of
+            ``vitlens_patch.metrics.boxes_to_masks``.
     """
     images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     batch, channels, height, width = images.shape
@@ -141,16 +142,8 @@ def paste_on_canvas(
     for i in range(batch):
         top, left = int(tops[i]), int(lefts[i])
         canvases[i, :, top : top + height, left : left + width] = images[i]
-    boxes = torch.stack([tops, lefts, torch.full_like(tops, height), torch.full_like(tops, width)], 1)
+    boxes = torch.stack([lefts, tops, lefts + width, tops + height], 1)
     return canvases, boxes
-
-
-def boxes_to_masks(boxes: Tensor, size: int) -> Tensor:
-    """(top, left, height, width) boxes [batch, 4] -> bool masks [batch, size, size]."""
-    rows = torch.arange(size).view(1, size, 1)
-    cols = torch.arange(size).view(1, 1, size)
-    top, left, height, width = (boxes[:, i].view(-1, 1, 1) for i in range(4))
-    return (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
 
 
 def canvas_test_set(

@@ -44,10 +44,11 @@ Cell = tuple[Site, ...]
 def layer_window(center: int, window: int, n_layers: int) -> range:
     """Layers restored for a centre layer: ``range(max(0, c - w//2), min(L, c - w//2 + w))``.
 
-    Window 3 is l-1, l, l+1; window 10 is ROME's [l-5, l+5).
+    Window 3 is l-1, l, l+1; window 10 is ROME's [l-5, l+5). Windows reaching past the first or
+    last layer are clipped.
     """
-    if not isinstance(window, int) or not 1 <= window <= n_layers:
-        raise ValueError(f"window must be an int in [1, {n_layers}], got {window!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
     start = center - window // 2
     return range(max(0, start), min(n_layers, start + window))
 
