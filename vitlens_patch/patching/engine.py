@@ -8,8 +8,8 @@ corrupted run's. ``run_restore`` evaluates many cells on many images at once:
 3. cells are grouped by that first layer; each batch row is one (image, cell) pair, starting at
    that layer from the cached corrupted residual stream (``start_at_layer``), so the shared
    prefix is never recomputed; rows are chunked to stay within ``memory_budget_mb``;
-4. a hook at each restored hook point swaps in clean values where the row's cell asks for them,
-   with one ``torch.where`` over the whole chunk.
+4. a hook at each restored hook point writes the clean values in place, at exactly the (row,
+   position, head) entries the rows' cells restore.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from vitlens_patch.patching.scores import resolve_score, resolve_target
 from vitlens_patch.patching.sites import BLOCK_HOOK, HEAD_HOOKS, Cell, Site, check_site
 
 FwdHook = tuple[str, Callable]
+# Activation memory per batched pass (MB): measured fastest around 100 MB on a 2-core CPU
+# (benchmarks/caap_speed.py); GPUs want large passes.
+DEFAULT_MEMORY_BUDGET_MB = {"cpu": 96, "cuda": 4096}
 Corruption = Tensor | str | Callable[[Tensor], Tensor]
 
 
@@ -95,10 +98,10 @@ def _cached_run(
 
 
 def _site_mask(site: Site, model: HookedViT, existing: Tensor | None) -> Tensor:
-    """Bool mask over one row's activation at the site's hook: [pos, 1] or [pos, head, 1]."""
+    """Bool mask over one row's positions (and heads) at the site's hook: [pos] or [pos, head]."""
     cfg = model.cfg
     has_heads = BLOCK_HOOK.match(site.hook_name).group(2) in HEAD_HOOKS
-    shape = (cfg.n_pos, cfg.n_heads, 1) if has_heads else (cfg.n_pos, 1)
+    shape = (cfg.n_pos, cfg.n_heads) if has_heads else (cfg.n_pos,)
     mask = torch.zeros(shape, dtype=torch.bool) if existing is None else existing
     positions = slice(None) if site.positions is None else list(site.positions)
     if has_heads:
@@ -124,7 +127,7 @@ def run_restore(
     *,
     metric="prob",
     target: int | Tensor | None = None,
-    memory_budget_mb: float = 1024,
+    memory_budget_mb: float | None = None,
     rows_per_pass: int | None = None,
     progress: bool = True,
 ) -> RestoreOutput:
@@ -141,6 +144,8 @@ def run_restore(
             (logits, target) -> [batch]; see :func:`~vitlens_patch.patching.scores.resolve_score`.
         target: class per image; default the clean run's prediction.
         memory_budget_mb: activation memory allowed per batched pass; sets the rows per pass.
+            Default ``DEFAULT_MEMORY_BUDGET_MB`` for the model's device type: small on the CPU,
+            where passes that stay in cache run fastest, large on accelerators.
         rows_per_pass: (image, cell) rows per batched pass, overriding ``memory_budget_mb``.
         progress: show a progress bar.
 
@@ -155,6 +160,8 @@ def run_restore(
     for cell in cells:
         for site in cell:
             check_site(site, model.cfg, model.hook_dict)
+    if memory_budget_mb is None:
+        memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB.get(model.device.type, DEFAULT_MEMORY_BUDGET_MB["cuda"])
     if memory_budget_mb <= 0:
         raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
     if rows_per_pass is not None and (not isinstance(rows_per_pass, int) or rows_per_pass < 1):
@@ -205,17 +212,23 @@ def run_restore(
 def _restore_hooks(
     clean_cache: dict[str, Tensor], cell_masks: list[dict[str, Tensor]], images: Tensor, cell_ids: list[int]
 ) -> list[FwdHook]:
-    """Forward hooks for one chunk of rows: at each hook some row restores, swap in clean values."""
+    """Forward hooks for one chunk of rows: write clean values where each row's cell restores.
+
+    Only the restored (row, position[, head]) entries are touched, in place: a CAAP row restores
+    one token, so nothing else of the activation is read or copied.
+    """
     hooks = []
     names = {name for cell in cell_ids for name in cell_masks[cell]}
     for name in sorted(names):
         some_mask = next(cell_masks[cell][name] for cell in cell_ids if name in cell_masks[cell])
         empty = torch.zeros_like(some_mask)
-        mask = torch.stack([cell_masks[cell].get(name, empty) for cell in cell_ids])
-        clean = clean_cache[name][images]
+        mask = torch.stack([cell_masks[cell].get(name, empty) for cell in cell_ids])  # [row, pos(, head)]
+        target_index = mask.nonzero(as_tuple=True)
+        source_index = (images[target_index[0]], *target_index[1:])
 
-        def restore(act: Tensor, hook, mask=mask, clean=clean) -> Tensor:
-            return torch.where(mask, clean, act)
+        def restore(act: Tensor, hook, target=target_index, source=source_index, clean=clean_cache[name]) -> Tensor:
+            act[target] = clean[source]
+            return act
 
         hooks.append((name, restore))
     return hooks

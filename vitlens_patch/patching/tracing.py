@@ -47,7 +47,7 @@ def trace_layers(
     positions: PositionSelector = None,
     metric="prob",
     target: int | Tensor | None = None,
-    memory_budget_mb: float = 1024,
+    memory_budget_mb: float | None = None,
     progress: bool = True,
 ) -> TraceResult:
     """Indirect effect of restoring a window of sub-layer outputs around each layer.
@@ -90,7 +90,7 @@ def trace_grid(
     positions: PositionSelector = None,
     metric="prob",
     target: int | Tensor | None = None,
-    memory_budget_mb: float = 1024,
+    memory_budget_mb: float | None = None,
     progress: bool = True,
 ) -> TraceResult:
     """ROME's heatmap: restore one token's sub-layer output over a window around each layer.
@@ -128,7 +128,7 @@ def trace_heads(
     positions: PositionSelector = None,
     metric="prob",
     target: int | Tensor | None = None,
-    memory_budget_mb: float = 1024,
+    memory_budget_mb: float | None = None,
     progress: bool = True,
 ) -> TraceResult:
     """Restore one attention head's output (``attn.hook_z``) over a window around each layer.

@@ -277,7 +277,7 @@ def measure_grayscale(
     kind: str = "attn",
     window: int = 3,
     positions: PositionSelector = None,
-    memory_budget_mb: float = 1024,
+    memory_budget_mb: float | None = None,
 ) -> dict[str, Tensor]:
     """One batch of the study (the ``measure`` of :func:`~vitlens_patch.studies.runner.run_study`).
 
@@ -354,7 +354,7 @@ def grayscale_study(
     indices: Sequence[int] | Tensor | None = None,
     batch_size: int = 32,
     out: str | os.PathLike | None = None,
-    memory_budget_mb: float = 1024,
+    memory_budget_mb: float | None = None,
     progress: bool = True,
 ) -> GrayscaleStudyResult:
     """Restore clean (colour) activations into grayscale runs, window by window, over a data set.
@@ -378,7 +378,7 @@ def grayscale_study(
         out: study directory (Parquet parts + ``results.parquet`` + ``grayscale_study.json``):
             an interrupted study resumes from it, and under ``torchrun`` each process takes a
             share of the images (see :func:`run_study`). Default: a temporary directory.
-        memory_budget_mb: activation memory per batched restoration pass.
+        memory_budget_mb: activation memory per batched restoration pass (default: the engine's).
         progress: show a progress bar over images.
 
     Returns:
