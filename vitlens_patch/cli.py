@@ -164,7 +164,9 @@ def _attribution_section(model: HookedViT, sample: LabelledImages, progress: boo
     n_classes = len(sample.class_names)
     data = EvaluationSet.from_cifar10(model, sample, n=min(2, len(sample) // n_classes) * n_classes, seed=0)
     shown = list(range(0, len(data), 4))
-    maps = attribute_all(model, data.images[shown], list(DEMO_METHODS), target=data.labels[shown])
+    maps = attribute_all(
+        model, data.images[shown], list(DEMO_METHODS), target=data.labels[shown], progress=progress
+    )
     result = evaluate(list(DEMO_METHODS), model, data, progress=progress)
     return Section(
         title="Which patches carry the class evidence: CAAP and the baselines",
