@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import block_matmul_flops, matmul_flops_per_second, vit_small  # noqa: E402
 
 from vitlens_patch.model import HookedViT  # noqa: E402
-from vitlens_patch.recipes.caap import caap, context_images, default_layers  # noqa: E402
+from vitlens_patch.recipes.caap import caap, caap_per_patch_reference, default_layers  # noqa: E402
 
 
 def caap_matmul_flops(model: HookedViT, n_images: int) -> int:
@@ -34,31 +34,6 @@ def caap_matmul_flops(model: HookedViT, n_images: int) -> int:
     full_run = embed + cfg.n_layers * block + head
     rows = cfg.n_patches * ((cfg.n_layers - start) * block + head)
     return n_images * (2 * full_run + rows)
-
-
-def reference_caap(model: HookedViT, images: torch.Tensor) -> torch.Tensor:
-    """One full forward per (image, patch) with insertion hooks: the plain definition."""
-    cfg = model.cfg
-    start, stop = default_layers(cfg.n_layers)
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(start, stop)]
-    contexts = context_images(model, images, "blur")
-    maps = torch.empty(len(images), cfg.n_patches)
-    with torch.no_grad():
-        source_logits, source = model.run_with_cache(images, names_filter=lambda name: name in names)
-        target = source_logits.argmax(-1)
-        context_logit = model(contexts).gather(1, target[:, None])[:, 0]
-        for i in range(len(images)):
-            for patch in range(cfg.n_patches):
-                token = cfg.n_prefix_tokens + patch
-
-                def insert(act, hook, i=i, token=token):
-                    act = act.clone()
-                    act[:, token] = source[hook.name][i, token]
-                    return act
-
-                logits = model.run_with_hooks(contexts[i : i + 1], fwd_hooks=[(name, insert) for name in names])
-                maps[i, patch] = logits[0, target[i]] - context_logit[i]
-    return maps.reshape(len(images), *cfg.grid_size)
 
 
 def main() -> None:
@@ -74,7 +49,7 @@ def main() -> None:
     maps = caap(model, images, progress=False)
     caap_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    expected = reference_caap(model, images)
+    expected = caap_per_patch_reference(model, images)
     reference_seconds = time.perf_counter() - start
 
     achieved = caap_matmul_flops(model, args.images) / caap_seconds

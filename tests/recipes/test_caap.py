@@ -6,7 +6,7 @@ import torch
 from tests.conftest import tiny_timm_vit
 from vitlens_patch.attribution import get_attributor
 from vitlens_patch.model import HookedViT
-from vitlens_patch.recipes.caap import CAAP, caap, context_images, default_layers
+from vitlens_patch.recipes.caap import CAAP, caap, caap_per_patch_reference, default_layers
 
 
 @pytest.fixture(scope="module")
@@ -19,35 +19,11 @@ def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def reference_caap(model, images, layers, context="blur"):
-    """One full forward per (image, patch), written from the definition."""
-    start, stop = layers
-    contexts = context_images(model, images, context)
-    maps = torch.empty(len(images), model.cfg.n_patches)
-    with torch.no_grad():
-        names = [f"blocks.{l}.hook_resid_pre" for l in range(start, stop)]
-        source_logits, source = model.run_with_cache(images, names_filter=lambda n: n in names)
-        target = source_logits.argmax(-1)
-        context_logit = model(contexts).gather(1, target[:, None])[:, 0]
-        for i in range(len(images)):
-            for patch in range(model.cfg.n_patches):
-                token = model.cfg.n_prefix_tokens + patch
-
-                def insert(act, hook, i=i, token=token):
-                    act = act.clone()
-                    act[:, token] = source[hook.name][i, token]
-                    return act
-
-                logits = model.run_with_hooks(contexts[i : i + 1], fwd_hooks=[(n, insert) for n in names])
-                maps[i, patch] = logits[0, target[i]] - context_logit[i]
-    return maps.reshape(len(images), *model.cfg.grid_size)
-
-
 @pytest.mark.parametrize("layers", [(1, 3), (0, 4), (2, 3)])
 @pytest.mark.parametrize("batch_size", [None, 5, 16])
 def test_caap_equals_per_patch_reference(model, images, layers, batch_size):
     maps = caap(model, images, layers=layers, batch_size=batch_size, progress=False)
-    expected = reference_caap(model, images, layers)
+    expected = caap_per_patch_reference(model, images, layers=layers)
     assert maps.shape == (3, 4, 4)
     assert (maps - expected).abs().max() <= 1e-4
 
@@ -55,7 +31,7 @@ def test_caap_equals_per_patch_reference(model, images, layers, batch_size):
 @pytest.mark.parametrize("context", ["zeros", "mean"])
 def test_caap_contexts_match_reference(model, images, context):
     maps = caap(model, images, layers=(1, 3), context=context, progress=False)
-    assert (maps - reference_caap(model, images, (1, 3), context)).abs().max() <= 1e-4
+    assert (maps - caap_per_patch_reference(model, images, layers=(1, 3), context=context)).abs().max() <= 1e-4
 
 
 def test_maps_do_not_depend_on_image_batching(model, images):
