@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default="../shared/data/cifar10/train.tar.gz")
     parser.add_argument("--test-data", default="../shared/data/cifar10/test.tar.gz")
     parser.add_argument("--out", default="runs/cifar10_vit")
-    parser.add_argument("--epochs", type=float, default=12)
+    parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
