@@ -12,17 +12,22 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vitlens_patch.model import HookedViT
-from vitlens_patch.patching.engine import Corruption, RestoreOutput, run_restore
+from vitlens_patch.patching.engine import Corruption, run_restore
 from vitlens_patch.patching.results import TraceResult
 from vitlens_patch.patching.sites import PositionSelector, Site, kind_hook, layer_window, resolve_positions
 
 
-def _trace_result(
-    model: HookedViT, output: RestoreOutput, shape: tuple[int, ...], dims: tuple[str, ...],
-    coords: dict[str, list], settings: dict,
+def _run_trace(
+    model: HookedViT, clean: Tensor, corrupted: Corruption, cells: list, *, shape: tuple[int, ...],
+    dims: tuple[str, ...], coords: dict[str, list], settings: dict, metric, target, memory_budget_mb, progress,
 ) -> TraceResult:
+    """One engine call over ``cells``; effects reshaped to [image, *shape] in a TraceResult."""
+    output = run_restore(
+        model, clean, corrupted, cells, metric=metric, target=target,
+        memory_budget_mb=memory_budget_mb, progress=progress,
+    )
     settings = settings | {
-        "metric": settings["metric"] if isinstance(settings["metric"], (str, tuple)) else repr(settings["metric"]),
+        "metric": metric if isinstance(metric, (str, tuple)) else repr(metric),
         "target": output.target.tolist(),
     }
     return TraceResult(
@@ -72,12 +77,12 @@ def trace_layers(
         tuple(Site(f"blocks.{j}.{hook}", tokens) for j in layer_window(layer, window, n_layers))
         for layer in range(n_layers)
     ]
-    output = run_restore(
-        model, clean, corrupted, cells, metric=metric, target=target,
-        memory_budget_mb=memory_budget_mb, progress=progress,
+    return _run_trace(
+        model, clean, corrupted, cells, shape=(n_layers,), dims=("image", "layer"),
+        coords={"layer": list(range(n_layers))},
+        settings=dict(function="trace_layers", kind=kind, hook=hook, window=window, positions=list(tokens)),
+        metric=metric, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
     )
-    settings = dict(function="trace_layers", kind=kind, hook=hook, window=window, positions=list(tokens), metric=metric)
-    return _trace_result(model, output, (n_layers,), ("image", "layer"), {"layer": list(range(n_layers))}, settings)
 
 
 def trace_grid(
@@ -110,13 +115,12 @@ def trace_grid(
         for layer in range(n_layers)
         for token in tokens
     ]
-    output = run_restore(
-        model, clean, corrupted, cells, metric=metric, target=target,
-        memory_budget_mb=memory_budget_mb, progress=progress,
+    return _run_trace(
+        model, clean, corrupted, cells, shape=(n_layers, len(tokens)), dims=("image", "layer", "position"),
+        coords={"layer": list(range(n_layers)), "position": list(tokens)},
+        settings=dict(function="trace_grid", kind=kind, hook=hook, window=window, positions=list(tokens)),
+        metric=metric, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
     )
-    settings = dict(function="trace_grid", kind=kind, hook=hook, window=window, positions=list(tokens), metric=metric)
-    coords = {"layer": list(range(n_layers)), "position": list(tokens)}
-    return _trace_result(model, output, (n_layers, len(tokens)), ("image", "layer", "position"), coords, settings)
 
 
 def trace_heads(
@@ -146,10 +150,9 @@ def trace_heads(
         for layer in range(cfg.n_layers)
         for head in range(cfg.n_heads)
     ]
-    output = run_restore(
-        model, clean, corrupted, cells, metric=metric, target=target,
-        memory_budget_mb=memory_budget_mb, progress=progress,
+    return _run_trace(
+        model, clean, corrupted, cells, shape=(cfg.n_layers, cfg.n_heads), dims=("image", "layer", "head"),
+        coords={"layer": list(range(cfg.n_layers)), "head": list(range(cfg.n_heads))},
+        settings=dict(function="trace_heads", hook="attn.hook_z", window=window, positions=list(tokens)),
+        metric=metric, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
     )
-    settings = dict(function="trace_heads", hook="attn.hook_z", window=window, positions=list(tokens), metric=metric)
-    coords = {"layer": list(range(cfg.n_layers)), "head": list(range(cfg.n_heads))}
-    return _trace_result(model, output, (cfg.n_layers, cfg.n_heads), ("image", "layer", "head"), coords, settings)
