@@ -174,10 +174,10 @@ def test_an_out_directory_resumes_and_refuses_other_settings(model, data, tmp_pa
     )
     assert seen == []
     pd.testing.assert_frame_equal(again.scores, first.scores)
-    other_settings = r"holds an evaluation with other settings \(differing: \['metric_options', 'metrics'\]\)"
+    other_settings = r"holds a study with other settings \(differing: \['metric_options', 'metrics'\]\)"
     with pytest.raises(ValueError, match=other_settings):
         evaluate([CountingRollout(model, seen)], model, data, ["pointing_game"], out=tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"other settings \(differing: \['fingerprint'\]\)"):
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['data_sha256'\]\)"):
         evaluate([CountingRollout(model, seen)], model, data.subset([1, 0, 2, 3, 4, 5]), ["aupr"],
                  out=tmp_path, progress=False)
 

@@ -63,7 +63,6 @@ from vitlens_patch.studies.runner import run_study, select_per_class, stack_colu
 
 ImageKind = Literal["full", "canvas"]
 TARGETS = ("label", "predicted")
-SETTINGS_FILE = "evaluation.json"
 _SCORES_FILE = "scores.parquet"
 _MAPS_FILE = "maps.safetensors"
 _METADATA_KEY = "vitlens_patch.EvaluationResult"
@@ -484,10 +483,10 @@ def evaluate(
 
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch if out is None else out)
-        _claim_directory(directory, {**settings, "fingerprint": _fingerprint(model, dataset)})
         frame = run_study(
             model, TensorDataset(dataset.images, dataset.labels), measure, directory,
-            batch_size=batch_size, with_indices=True, progress=progress,
+            batch_size=batch_size, with_indices=True,
+            settings={**settings, "data_sha256": _data_fingerprint(dataset)}, progress=progress,
         )
     return _to_result(frame, list(attributors), metrics, kinds, settings)
 
@@ -608,30 +607,14 @@ def _score(
     return spec.function(maps, masks, **options).float()
 
 
-def _fingerprint(model: HookedViT, dataset: EvaluationSet) -> str:
-    """A digest of the model's weights and the data set, to refuse resuming another study."""
+def _data_fingerprint(dataset: EvaluationSet) -> str:
+    """A digest of the evaluation images, labels and masks (the runner digests the model)."""
     digest = hashlib.sha256()
-    tensors = [*model.state_dict().values(), dataset.images, dataset.labels]
+    tensors = [dataset.images, dataset.labels]
     tensors += [t for t in (dataset.canvas_images, dataset.masks) if t is not None]
     for tensor in tensors:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _claim_directory(directory: Path, settings: dict) -> None:
-    """Record the settings in ``directory``, or check that they match the recorded ones."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / SETTINGS_FILE
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored != settings:
-            changed = sorted(key for key in {*stored, *settings} if stored.get(key) != settings.get(key))
-            raise ValueError(
-                f"out {str(directory)!r} holds an evaluation with other settings (differing: {changed}); "
-                "use a new out directory for a new evaluation"
-            )
-        return
-    path.write_text(json.dumps(settings, indent=1))
 
 
 def _to_result(

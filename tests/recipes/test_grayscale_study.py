@@ -97,7 +97,7 @@ def test_study_directory_resumes_and_guards_its_settings(model, data, result, tm
     assert first.indices == [0, 1, 2] and extended.indices == list(range(N_IMAGES))
     torch.testing.assert_close(extended.trace.effects, result.trace.effects)
     assert len(list(tmp_path.glob("rank0-part*.parquet"))) == 4  # 2 + 2 batches, none repeated
-    with pytest.raises(ValueError, match="holds a grayscale study with settings .* use a new out directory"):
+    with pytest.raises(ValueError, match=r"holds a study with other settings \(differing: \['window'\]\); use a new out directory"):
         grayscale_study(model, data, window=1, out=tmp_path, progress=False)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import vitlens_patch
-from vitlens_patch.studies import read_study, run_study, select_per_class, stack_column
+from vitlens_patch.studies import model_fingerprint, read_study, run_study, select_per_class, stack_column
 
 SCRIPT = Path(__file__).with_name("torchrun_study.py")
 _spec = importlib.util.spec_from_file_location("torchrun_study", SCRIPT)
@@ -249,6 +249,29 @@ def test_changed_measurement_on_resume_is_rejected(tmp_path):
         run(dataset, tmp_path, lambda model, images, labels: {"other": labels})
 
 
+def test_resuming_with_another_model_or_settings_is_refused(tmp_path):
+    dataset = study.make_dataset()
+    run(dataset, tmp_path, indices=[0, 1], settings={"window": (3,)})
+    run(dataset, tmp_path, indices=[0, 1, 2], settings={"window": [3]})  # same once read from JSON
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['window'\]\); use a new out"):
+        run(dataset, tmp_path, settings={"window": [1]})
+    other_model = study.make_model()
+    with torch.no_grad():
+        next(other_model.parameters()).view(-1)[0] += 1
+    with pytest.raises(ValueError, match=r"differing: \['model_sha256'\]"):
+        run_study(other_model, dataset, study.measure, tmp_path, settings={"window": [3]}, progress=False)
+
+
+def test_model_fingerprint_follows_names_dtypes_and_values():
+    model = study.make_model()
+    assert model_fingerprint(model) == model_fingerprint(study.make_model())
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        parameter.view(-1)[-1] = parameter.view(-1)[-1].nextafter(torch.tensor(float("inf")))
+    assert model_fingerprint(model) != model_fingerprint(study.make_model())
+    assert model_fingerprint(study.make_model().double()) != model_fingerprint(study.make_model())
+
+
 @pytest.mark.parametrize(
     ("dataset", "kwargs", "match"),
     [
@@ -258,8 +281,10 @@ def test_changed_measurement_on_resume_is_rejected(tmp_path):
         (None, {"indices": [0.5]}, "indices must be integers"),
         (5, {}, "dataset must be a map-style torch Dataset, LabelledImages or .*, got int"),
         ([torch.zeros(3, 32, 32)], {}, r"dataset items must be \(image, label\) pairs, got Tensor"),
+        (None, {"settings": {"model": object()}}, "settings must be a JSON-serialisable mapping"),
     ],
-    ids=["batch_size", "large-index", "negative-index", "float-index", "not-dataset", "not-pairs"],
+    ids=["batch_size", "large-index", "negative-index", "float-index", "not-dataset", "not-pairs",
+         "settings"],
 )
 def test_bad_arguments_are_rejected(tmp_path, dataset, kwargs, match):
     with pytest.raises(ValueError, match=match):

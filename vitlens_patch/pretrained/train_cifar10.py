@@ -8,6 +8,12 @@ upsampled, random crop and flip) with canvas images (the 32x32 image pasted at a
 smooth-noise background). No grayscale augmentation: the model is meant to depend on colour.
 A checkpoint is written every ``--checkpoint-every`` steps; rerunning the same command resumes.
 ``--export`` writes the shipped safetensors + JSON from the latest checkpoint.
+
+The shipped model was trained in two cosine cycles (a warm restart), each a rerunnable command:
+
+    python -m vitlens_patch.pretrained.train_cifar10 --epochs 10 --out runs/cifar10_vit_stage1
+    python -m vitlens_patch.pretrained.train_cifar10 --epochs 20 --lr 1e-3 --seed 1 \
+        --init-from runs/cifar10_vit_stage1/checkpoint.pt --out runs/cifar10_vit
 """
 
 from __future__ import annotations
@@ -110,6 +116,9 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="bfloat16 autocast for the forward pass (faster on recent CPUs)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from the model weights of another run's checkpoint "
+                             "(new optimizer and schedule: a warm restart)")
     parser.add_argument("--export", action="store_true", help="only export the latest checkpoint")
     args = parser.parse_args(argv)
     if args.threads:
@@ -130,6 +139,9 @@ def main(argv=None) -> None:
         generator.set_state(state["generator"])
         step = state["step"]
         print(f"resumed from step {step}", flush=True)
+    elif args.init_from is not None:
+        model.load_state_dict(torch.load(args.init_from, weights_only=False)["model"])
+        print(f"initialised from {args.init_from}", flush=True)
 
     train = load_image_folder(args.data)
     if args.export:

@@ -45,7 +45,6 @@ from vitlens_patch.patching.sites import PositionSelector, kind_hook, layer_wind
 from vitlens_patch.patching.tracing import trace_layers
 from vitlens_patch.studies.runner import run_study, stack_column
 
-SETTINGS_FILE = "grayscale_study.json"
 _METADATA_KEY = b"vitlens_patch.GrayscaleStudyResult"
 _FORMAT_VERSION = 1
 
@@ -326,23 +325,6 @@ def _as_dataset(
     return data
 
 
-def _check_settings(out: Path, settings: dict) -> None:
-    """Record the study settings in ``out``; refuse to resume a study run with other settings."""
-    path = out / SETTINGS_FILE
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored != settings:
-            raise ValueError(
-                f"out {str(out)!r} holds a grayscale study with settings {stored}, got {settings}; "
-                "use a new out directory for new settings"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per torchrun process
-    temporary.write_text(json.dumps(settings, indent=2))
-    os.replace(temporary, path)
-
-
 def grayscale_study(
     model: HookedViT,
     data: Tensor | LabelledImages | Dataset | str | os.PathLike,
@@ -375,7 +357,7 @@ def grayscale_study(
         indices: data set indices to study (default all); :func:`select_per_class` gives a
             balanced subset, e.g. 100 per class.
         batch_size: images per engine call and per stored Parquet part.
-        out: study directory (Parquet parts + ``results.parquet`` + ``grayscale_study.json``):
+        out: study directory (Parquet parts + ``results.parquet`` + ``study.json``):
             an interrupted study resumes from it, and under ``torchrun`` each process takes a
             share of the images (see :func:`run_study`). Default: a temporary directory.
         memory_budget_mb: activation memory per batched restoration pass (default: the engine's).
@@ -399,9 +381,9 @@ def grayscale_study(
     )
     with tempfile.TemporaryDirectory(prefix="grayscale_study_") as scratch:
         directory = Path(out) if out is not None else Path(scratch)
-        _check_settings(directory, settings)
         frame = run_study(
-            model, dataset, measure, directory, batch_size=batch_size, indices=indices, progress=progress
+            model, dataset, measure, directory, batch_size=batch_size, indices=indices,
+            settings=settings, progress=progress,
         )
     if len(frame) == 0:
         raise ValueError(f"indices must select at least one image, got {indices!r}")

@@ -16,8 +16,9 @@ either holds a whole batch or does not exist). An interruption therefore loses a
 in flight; calling ``run_study`` again with the same arguments skips every image already stored.
 At the end the rows are merged, sorted by data set index, and written to ``out/results.parquet``.
 The part files stay: they are the state a later run resumes from (e.g. to extend the study to more
-images). One ``out`` directory holds one study: use a new directory when the model, data or
-measurement changes.
+images). One ``out`` directory holds one study: ``out/study.json`` records a digest of the model's
+weights and the caller's ``settings``, and a run with another model or other settings is refused
+rather than mixed into the stored rows.
 
 Sharding: run the same script with ``torchrun --nproc_per_node=N script.py`` (or with any
 initialised ``torch.distributed`` process group). Each rank takes a disjoint share of the images
@@ -28,6 +29,8 @@ See :func:`run_study`.
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,6 +49,7 @@ from tqdm.auto import tqdm
 from vitlens_patch.data.cifar10 import LabelledImages, load_image_folder
 
 RESULTS_FILE = "results.parquet"
+SETTINGS_FILE = "study.json"
 RESERVED_COLUMNS = ("index", "label")
 _PART_NAME = re.compile(r"rank(\d+)-part(\d+)\.parquet")
 
@@ -64,6 +68,7 @@ def run_study(
     with_indices: bool = False,
     device: str | torch.device | None = None,
     num_workers: int = 0,
+    settings: Mapping | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Apply ``measure`` to every image of ``dataset``, storing rows as it goes; resumable.
@@ -99,6 +104,9 @@ def run_study(
             indices [batch] of the images, e.g. to seed a noise corruption per image.
         device: where images and labels go (default: the device of the model's first parameter).
         num_workers: DataLoader worker processes loading images.
+        settings: JSON-serialisable description of the measurement (e.g. a recipe's arguments),
+            recorded in ``out/study.json`` with :func:`model_fingerprint` of ``model``. If ``out``
+            already records other settings or another model, a ValueError names what differs.
         progress: show a tqdm progress bar (on rank 0 only, counting rank 0's images).
 
     Returns:
@@ -125,6 +133,7 @@ def run_study(
     wanted = _check_indices(indices, len(dataset))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _claim_directory(out, {"model_sha256": model_fingerprint(model), **_as_json("settings", settings or {})})
     device = torch.device(device) if device is not None else _model_device(model)
 
     with _process_group() as (group, rank, world):
@@ -151,6 +160,15 @@ def run_study(
     if rank == 0:
         _write_atomic(results, out / RESULTS_FILE)
     return results
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 hex digest of a model's state dict: names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def read_study(out: str | os.PathLike) -> pd.DataFrame:
@@ -355,6 +373,31 @@ def _check_indices(indices: Sequence[int] | Tensor | None, size: int) -> list[in
             f"got {wanted[0] if wanted[0] < 0 else wanted[-1]}"
         )
     return wanted
+
+
+def _as_json(name: str, value: Mapping) -> dict:
+    """``value`` as it reads back from JSON (tuples become lists), so stored and new compare equal."""
+    try:
+        return json.loads(json.dumps(dict(value)))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a JSON-serialisable mapping, got {value!r} ({error})") from None
+
+
+def _claim_directory(out: Path, settings: dict) -> None:
+    """Record the study's settings in ``out``, or refuse if it holds a study with other ones."""
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        changed = sorted(key for key in stored.keys() | settings.keys() if stored.get(key) != settings.get(key))
+        if changed:
+            raise ValueError(
+                f"out {str(out)!r} holds a study with other settings (differing: {changed}); "
+                "use a new out directory for a new study"
+            )
+        return
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per torchrun process
+    temporary.write_text(json.dumps(settings, indent=2))
+    os.replace(temporary, path)
 
 
 def _model_device(model: nn.Module) -> torch.device:
