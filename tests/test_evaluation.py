@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import save_file
 from scipy import stats
 
 from tests.conftest import tiny_timm_vit
@@ -193,6 +194,9 @@ def test_save_and_load_round_trip(result, tmp_path):
             assert torch.equal(getattr(loaded, name)[method], maps)
     with pytest.raises(ValueError, match="path must be a directory written by EvaluationResult.save"):
         EvaluationResult.load(tmp_path)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "evaluation" / "maps.safetensors"))
+    with pytest.raises(ValueError, match="path must be a directory written by EvaluationResult.save"):
+        EvaluationResult.load(tmp_path / "evaluation")
 
 
 def test_to_markdown_has_a_row_per_method_and_a_column_per_metric(result):

@@ -59,6 +59,7 @@ from vitlens_patch.metrics import (
     token_deletion_auc,
 )
 from vitlens_patch.model import DataConfig, HookedViT
+from vitlens_patch.patching.results import read_saved_metadata
 from vitlens_patch.studies.runner import run_study, select_per_class, stack_column
 
 ImageKind = Literal["full", "canvas"]
@@ -66,6 +67,7 @@ TARGETS = ("label", "predicted")
 _SCORES_FILE = "scores.parquet"
 _MAPS_FILE = "maps.safetensors"
 _METADATA_KEY = "vitlens_patch.EvaluationResult"
+_FORMAT_VERSION = 1
 # Attributor attributes that change how a map is computed, not what it is: a resumed evaluation
 # may change them.
 _EXECUTION_OPTIONS = ("model", "score_fn", "progress", "batch_size")
@@ -354,7 +356,9 @@ class EvaluationResult:
         tensors |= {f"canvas/{method}": maps.contiguous() for method, maps in self.canvas_maps.items()}
         # safetensors needs at least one tensor to write a file with metadata
         tensors = tensors or {"empty": torch.zeros(0)}
-        save_file(tensors, str(path / _MAPS_FILE), metadata={_METADATA_KEY: json.dumps(self.settings)})
+        save_file(tensors, str(path / _MAPS_FILE), metadata={
+            _METADATA_KEY: json.dumps({"version": _FORMAT_VERSION, "settings": self.settings})
+        })
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvaluationResult:
@@ -366,8 +370,11 @@ class EvaluationResult:
                 f"and {_MAPS_FILE}), got {str(path)!r}"
             )
         with safe_open(str(path / _MAPS_FILE), framework="pt") as file:
-            settings = json.loads((file.metadata() or {}).get(_METADATA_KEY, "{}"))
+            text = (file.metadata() or {}).get(_METADATA_KEY)
             tensors = {name: file.get_tensor(name) for name in file.keys()}
+        settings = read_saved_metadata(
+            text, path, "a directory written by EvaluationResult.save", _FORMAT_VERSION
+        )["settings"]
         maps = {name.split("/", 1)[1]: t for name, t in tensors.items() if name.startswith("full/")}
         canvas_maps = {name.split("/", 1)[1]: t for name, t in tensors.items() if name.startswith("canvas/")}
         return cls(pd.read_parquet(path / _SCORES_FILE), maps, canvas_maps, settings)

@@ -134,6 +134,20 @@ def test_load_rejects_other_files(tmp_path):
         TraceResult.load(path)
 
 
+def test_load_rejects_another_format_version(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "trace.safetensors"
+    make_result().save(path)
+    with safe_open(str(path), framework="pt") as file:
+        metadata = {key: value.replace('"version": 1', '"version": 99') for key, value in file.metadata().items()}
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=r"path holds format version 99 .* reads version 1"):
+        TraceResult.load(path)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

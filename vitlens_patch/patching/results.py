@@ -33,6 +33,23 @@ def _labels(labels: list) -> np.ndarray:
     return array
 
 
+def read_saved_metadata(text: str | bytes | None, path: str | Path, written_by: str, version: int) -> dict:
+    """The JSON metadata a result's ``save`` stored with it, checked for presence and version.
+
+    ``written_by`` completes the error "path must be <written_by>"; ``version`` is the format
+    version this code reads.
+    """
+    if text is None:
+        raise ValueError(f"path must be {written_by}, got {str(path)!r}")
+    metadata = json.loads(text)
+    if metadata.get("version") != version:
+        raise ValueError(
+            f"path holds format version {metadata.get('version')} ({str(path)!r}); this version "
+            f"of vitlens_patch reads version {version}"
+        )
+    return metadata
+
+
 @dataclass(frozen=True)
 class TraceMean:
     """Mean over images of a :class:`TraceResult`, with a confidence interval per cell.
@@ -223,14 +240,7 @@ class TraceResult:
         with safe_open(str(path), framework="pt") as file:
             text = (file.metadata() or {}).get(_METADATA_KEY)
             tensors = {name: file.get_tensor(name) for name in file.keys()}
-        if text is None:
-            raise ValueError(f"path must be a file written by TraceResult.save, got {str(path)!r}")
-        metadata = json.loads(text)
-        if metadata.get("version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"path holds a TraceResult of format version {metadata.get('version')}; this "
-                f"version of vitlens_patch reads version {_FORMAT_VERSION}"
-            )
+        metadata = read_saved_metadata(text, path, "a file written by TraceResult.save", _FORMAT_VERSION)
         return cls(
             effects=tensors["effects"],
             dims=tuple(metadata["dims"]),

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset, TensorDataset
 from vitlens_patch.data.cifar10 import LabelledImages
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_grayscale
-from vitlens_patch.patching.results import TraceResult
+from vitlens_patch.patching.results import TraceResult, read_saved_metadata
 from vitlens_patch.patching.sites import PositionSelector, kind_hook, layer_window, resolve_positions
 from vitlens_patch.patching.tracing import trace_layers
 from vitlens_patch.studies.runner import run_study, stack_column
@@ -205,15 +205,10 @@ class GrayscaleStudyResult:
     def load(cls, path: str | os.PathLike) -> "GrayscaleStudyResult":
         """Read a file written by :meth:`save`."""
         table = pq.read_table(str(path))
-        text = (table.schema.metadata or {}).get(_METADATA_KEY)
-        if text is None:
-            raise ValueError(f"path must be a file written by GrayscaleStudyResult.save, got {str(path)!r}")
-        metadata = json.loads(text)
-        if metadata.get("version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"path holds a GrayscaleStudyResult of format version {metadata.get('version')}; "
-                f"this version of vitlens_patch reads version {_FORMAT_VERSION}"
-            )
+        metadata = read_saved_metadata(
+            (table.schema.metadata or {}).get(_METADATA_KEY), path,
+            "a file written by GrayscaleStudyResult.save", _FORMAT_VERSION,
+        )
         return _result_from_frame(
             table.to_pandas(), metadata["settings"], metadata["class_names"], metadata["layers"],
             metadata["grid_size"], metadata["n_prefix_tokens"],
