@@ -47,8 +47,21 @@ def build_model() -> torch.nn.Module:
     return timm.models.vision_transformer.VisionTransformer(**ARCHITECTURE)
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator, canvas_fraction: float):
-    """uint8 [batch, 3, 32, 32] -> normalised float [batch, 3, 64, 64]."""
+def augment_batch(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    canvas_fraction: float,
+    *,
+    input_size: int = 64,
+    canvas_size: int = 64,
+    data_config: dict = DATA_CONFIG,
+) -> torch.Tensor:
+    """uint8 [batch, 3, 32, 32] -> normalised float [batch, 3, input_size, input_size].
+
+    Each image is randomly cropped (4 px reflect padding) and flipped; a ``canvas_fraction`` of them is
+    pasted on a ``canvas_size`` smooth-noise canvas. Full frames and canvases are then resized to
+    ``input_size`` and normalised with ``data_config``'s mean and std.
+    """
     batch = images.shape[0]
     padded = F.pad(images.float() / 255, (4, 4, 4, 4), mode="reflect")
     offsets = torch.randint(0, 9, (batch, 2), generator=generator)
@@ -57,13 +70,13 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, canvas_fract
         [padded[i, :, y : y + 32, x : x + 32] for i, (y, x) in enumerate(offsets.tolist())]
     )
     crops = torch.where(flips.view(-1, 1, 1, 1), crops.flip(-1), crops)
-    out = resize_images(crops, 64)
+    out = resize_images(crops, input_size)
     is_canvas = torch.rand(batch, generator=generator) < canvas_fraction
     if is_canvas.any():
-        canvases, _ = paste_on_canvas(crops[is_canvas], 64, generator)
-        out[is_canvas] = canvases
-    mean = torch.tensor(DATA_CONFIG["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(DATA_CONFIG["std"]).view(1, 3, 1, 1)
+        canvases, _ = paste_on_canvas(crops[is_canvas], canvas_size, generator)
+        out[is_canvas] = resize_images(canvases, input_size)
+    mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
     return (out - mean) / std
 
 
