@@ -83,7 +83,7 @@ def resolve_corruption(model: HookedViT, clean: Tensor, corrupted) -> tuple[Tens
     )
 
 
-def _cached_run(
+def cached_run(
     model: HookedViT, images: Tensor, names: set[str], hooks: Sequence[FwdHook] = ()
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One forward pass, storing the activations at ``names`` (only those are hooked, so every
@@ -95,6 +95,17 @@ def _cached_run(
 
     logits = model.run_with_hooks(images, fwd_hooks=[*hooks, *((name, store) for name in sorted(names))])
     return logits, cache
+
+
+def check_cells(model: HookedViT, cells: Sequence[Sequence[Site]]) -> list[Cell]:
+    """``cells`` as a list of site tuples; ValueError unless every cell holds valid block sites."""
+    cells = [tuple(cell) for cell in cells]
+    if not cells or any(not cell for cell in cells):
+        raise ValueError("cells must be a non-empty list of non-empty site lists")
+    for cell in cells:
+        for site in cell:
+            check_site(site, model.cfg, model.hook_dict)
+    return cells
 
 
 def _site_mask(site: Site, model: HookedViT, existing: Tensor | None) -> Tensor:
@@ -154,12 +165,7 @@ def run_restore(
     """
     clean = model._check_images(clean)
     corrupted_images, corrupted_hooks = resolve_corruption(model, clean, corrupted)
-    cells = [tuple(cell) for cell in cells]
-    if not cells or any(not cell for cell in cells):
-        raise ValueError("cells must be a non-empty list of non-empty site lists")
-    for cell in cells:
-        for site in cell:
-            check_site(site, model.cfg, model.hook_dict)
+    cells = check_cells(model, cells)
     if memory_budget_mb is None:
         memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB.get(model.device.type, DEFAULT_MEMORY_BUDGET_MB["cuda"])
     if memory_budget_mb <= 0:
@@ -172,10 +178,10 @@ def run_restore(
     start_layers = [min(site.layer for site in cell) for cell in cells]
     restored_names = {site.hook_name for cell in cells for site in cell}
     with torch.no_grad():
-        clean_logits, clean_cache = _cached_run(model, clean, restored_names)
+        clean_logits, clean_cache = cached_run(model, clean, restored_names)
         target = resolve_target(target, clean_logits, model.cfg.n_classes)
         resid_names = {f"blocks.{layer}.hook_resid_pre" for layer in start_layers}
-        corrupted_logits, corrupted_cache = _cached_run(model, corrupted_images, resid_names, corrupted_hooks)
+        corrupted_logits, corrupted_cache = cached_run(model, corrupted_images, resid_names, corrupted_hooks)
     clean_score = score_fn(clean_logits, target).float()
     corrupted_score = score_fn(corrupted_logits, target).float()
 

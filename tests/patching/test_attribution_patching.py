@@ -1,0 +1,207 @@
+"""Attribution patching against exact effects, finite differences and an exact patched softmax."""
+
+import pytest
+import torch
+
+import vitlens_patch
+from vitlens_patch.model import HookedViT, ViTConfig
+from vitlens_patch.patching.attribution_patching import estimate_restore, pattern_terms
+from vitlens_patch.patching.engine import run_restore
+from vitlens_patch.patching.sites import Site
+
+
+@pytest.fixture(scope="module")
+def linear_head_model() -> HookedViT:
+    """2 layers, d_model 32, no final norm: the logit is linear in the last block's outputs."""
+    cfg = ViTConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, img_size=32, patch_size=8, n_classes=10,
+                    final_norm="none")
+    model = HookedViT(cfg).double()
+    model.init_weights(seed=0)
+    with torch.no_grad():  # larger weights than the default init, for effects well above rounding
+        for param in model.parameters():
+            param.mul_(10.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, 3, 32, 32, generator=generator, dtype=torch.float64)
+    return clean, clean + torch.randn(3, 3, 32, 32, generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("hook", ["hook_mlp_out", "hook_resid_post"])
+def test_estimate_equals_exact_effect_where_the_score_is_linear(linear_head_model, images, hook):
+    model, (clean, corrupted) = linear_head_model, images
+    cells = [[Site(f"blocks.1.{hook}", (token,))] for token in range(model.cfg.n_pos)]
+    cells.append([Site(f"blocks.1.{hook}")])  # every token at once: the sum of the terms
+    exact = run_restore(model, clean, corrupted, cells, metric="logit", progress=False)
+    estimate = estimate_restore(model, clean, corrupted, cells, score="logit", progress=False)
+    assert exact.effects.abs().max() > 1e-2
+    torch.testing.assert_close(estimate.effects, exact.effects, atol=1e-5, rtol=1e-5)  # float32 outputs
+    torch.testing.assert_close(estimate.clean_score, exact.clean_score)
+    torch.testing.assert_close(estimate.corrupted_score, exact.corrupted_score)
+
+
+def test_estimate_is_not_exact_where_the_score_is_nonlinear(linear_head_model, images):
+    """The test above can fail: through a block (LayerNorm, GELU, softmax) the estimate differs."""
+    model, (clean, corrupted) = linear_head_model, images
+    cells = [[Site("blocks.0.hook_attn_out", (token,))] for token in range(model.cfg.n_pos)]
+    exact = run_restore(model, clean, corrupted, cells, metric="logit", progress=False)
+    estimate = estimate_restore(model, clean, corrupted, cells, score="logit", progress=False)
+    assert (estimate.effects - exact.effects).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def embedded() -> HookedViT:
+    return vitlens_patch.cifar10_vit().double()
+
+
+@pytest.fixture(scope="module")
+def sample(embedded) -> torch.Tensor:
+    """Two test images of the embedded model, float64: [2, 3, 64, 64]."""
+    return embedded.preprocess(vitlens_patch.pretrained.sample_images().images[[0, 50]])
+
+
+def directional_derivative(model, clean, corrupted, cell, step=1e-4):
+    """Central finite difference of the prob score along a = a_corrupted + e (a_clean - a_corrupted)
+    at the cell's entries, for image 0."""
+    names = {site.hook_name for site in cell}
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=lambda name: name in names)
+        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=lambda name: name in names)
+        target = clean_logits.argmax(-1)
+
+        def score_at(epsilon):
+            def move(act, hook):
+                act = act.clone()
+                for site in cell:
+                    if site.hook_name != hook.name:
+                        continue
+                    index = (slice(None), list(site.positions))
+                    if site.heads is not None:
+                        index = (*index, list(site.heads))
+                    delta = clean_cache[hook.name] - corrupted_cache[hook.name]
+                    act[index] = act[index] + epsilon * delta[index]
+                return act
+
+            logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, move) for name in names])
+            return logits.softmax(-1).gather(1, target[:, None])[:, 0]
+
+        return ((score_at(step) - score_at(-step)) / (2 * step))
+
+
+@pytest.mark.parametrize("cell", [
+    (Site("blocks.4.hook_resid_pre", (0,)),),
+    (Site("blocks.2.hook_attn_out", (7,)), Site("blocks.3.hook_attn_out", (7,))),
+    (Site("blocks.6.hook_mlp_out", (0, 20)),),
+    (Site("blocks.8.attn.hook_z", (0, 1, 2), (1,)),),
+    (Site("blocks.5.attn.hook_k", (9,), (2,)),),
+])
+def test_estimate_without_qk_fix_is_the_directional_derivative(embedded, sample, cell):
+    clean, corrupted = sample[:1], sample[1:]
+    estimate = estimate_restore(embedded, clean, corrupted, [cell], qk_fix=False, progress=False)
+    expected = directional_derivative(embedded, clean, corrupted, cell)
+    assert expected.abs().max() > 1e-6
+    torch.testing.assert_close(estimate.effects[:, 0], expected.float(), rtol=1e-5, atol=1e-9)
+
+
+def brute_force_pattern_terms(q_clean, k_clean, q_corrupted, k_corrupted, grad, patch):
+    """For each token, rebuild the queries / keys with that token's clean ones and recompute the
+    whole softmax."""
+    def pattern(q, k):
+        return (torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5).softmax(-1)
+
+    base = pattern(q_corrupted, k_corrupted)
+    terms = torch.empty(q_clean.shape[:3], dtype=q_clean.dtype)
+    for token in range(q_clean.shape[1]):
+        q, k = q_corrupted.clone(), k_corrupted.clone()
+        if patch in ("query", "both"):
+            q[:, token] = q_clean[:, token]
+        if patch in ("key", "both"):
+            k[:, token] = k_clean[:, token]
+        terms[:, token] = ((pattern(q, k) - base) * grad).sum((-1, -2))
+    return terms
+
+
+@pytest.mark.parametrize("patch", ["query", "key", "both"])
+def test_pattern_terms_equal_an_exact_recomputation_of_the_patched_softmax(patch):
+    generator = torch.Generator().manual_seed(0)
+    q_clean, k_clean, q_corrupted, k_corrupted = (
+        3 * torch.randn(2, 7, 3, 4, generator=generator, dtype=torch.float64) for _ in range(4)
+    )  # large scores: saturated softmaxes, where linearising fails
+    grad = torch.randn(2, 3, 7, 7, generator=generator, dtype=torch.float64)
+    terms = pattern_terms(q_clean, k_clean, q_corrupted, k_corrupted, grad, patch)
+    expected = brute_force_pattern_terms(q_clean, k_clean, q_corrupted, k_corrupted, grad, patch)
+    torch.testing.assert_close(terms, expected.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_qk_fix_agrees_with_the_linear_estimate_to_first_order(embedded, sample):
+    """For a small corruption the fixed and the plain estimate agree up to second-order terms;
+    for a large one the fix changes the estimate."""
+    clean = sample[:1]
+    direction = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cells = [[Site("blocks.3.hook_resid_pre", (token,))] for token in (0, 5, 30)]
+    cells += [[Site("blocks.7.attn.hook_q", (0,))], [Site("blocks.7.attn.hook_k", (12,))]]
+    gaps = []
+    for size in (1e-3, 1.0):
+        corrupted = clean + size * direction
+        fixed = estimate_restore(embedded, clean, corrupted, cells, progress=False).effects
+        plain = estimate_restore(embedded, clean, corrupted, cells, qk_fix=False, progress=False).effects
+        gaps.append(((fixed - plain).abs().max() / plain.abs().max()).item())
+    assert gaps[0] < 1e-2
+    assert gaps[1] > 10 * gaps[0]
+
+
+def test_qk_fix_patched_softmax_matches_the_model(embedded, sample):
+    """The pattern the fix recomputes for a restored key is the model's pattern with that key."""
+    images = sample
+    names = ["blocks.5.attn.hook_q", "blocks.5.attn.hook_k"]
+    with torch.no_grad():
+        _, clean = embedded.run_with_cache(images[:1], names_filter=lambda name: name in names)
+        _, corrupted = embedded.run_with_cache(images[1:], names_filter=lambda name: name in names)
+
+        def restore_key(act, hook):
+            act[:, 9] = clean["blocks.5.attn.hook_k"][:, 9]
+            return act
+
+        patterns = {}
+        for restore in (False, True):
+            hooks = [("blocks.5.attn.hook_k", restore_key)] if restore else []
+            hooks.append(("blocks.5.attn.hook_pattern", lambda act, hook, r=restore: patterns.__setitem__(r, act)))
+            embedded.run_with_hooks(images[1:], fwd_hooks=hooks)
+    grad = torch.zeros_like(patterns[False])
+    grad[..., 9] = 1.0  # the term is then the change of every row's weight on key 9
+    terms = pattern_terms(clean[names[0]], clean[names[1]], corrupted[names[0]], corrupted[names[1]], grad, "key")
+    change = (patterns[True] - patterns[False])[..., 9].sum(-1)  # [batch, head]
+    torch.testing.assert_close(terms[:, 9].double(), change, rtol=1e-5, atol=1e-7)
+
+
+def test_batches_give_the_same_estimate(linear_head_model, images):
+    model, (clean, corrupted) = linear_head_model, images
+    cells = [[Site("blocks.0.hook_resid_pre", (token,))] for token in range(3)]
+    whole = estimate_restore(model, clean, corrupted, cells, target=2, progress=False)
+    split = estimate_restore(model, clean, corrupted, cells, target=2, batch_size=2, progress=False)
+    torch.testing.assert_close(whole.effects, split.effects)
+    assert split.target.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(qk_fix="yes"), "qk_fix must be True or False, got 'yes'"),
+    (dict(batch_size=0), "batch_size must be a positive int or None, got 0"),
+    (dict(batch_size=2.5), "batch_size must be a positive int or None, got 2.5"),
+    (dict(cells=[]), "cells must be a non-empty list"),
+    (dict(cells=[[Site("blocks.9.hook_attn_out")]]), "hook_name must be a block hook of this model"),
+    (dict(target=[1, 2]), r"target must be an int or a tensor of shape \[3\]"),
+])
+def test_bad_input_is_rejected(linear_head_model, images, options, message):
+    clean, corrupted = images
+    options = dict(cells=[[Site("blocks.0.hook_attn_out")]]) | options
+    with pytest.raises(ValueError, match=message):
+        estimate_restore(linear_head_model, clean, corrupted, progress=False, **options)
+
+
+def test_pattern_terms_reject_an_unknown_patch():
+    q = torch.zeros(1, 2, 1, 4)
+    with pytest.raises(ValueError, match=r"patch must be one of \('query', 'key', 'both'\), got 'value'"):
+        pattern_terms(q, q, q, q, torch.zeros(1, 1, 2, 2), "value")

@@ -1,0 +1,281 @@
+"""Attribution patching: a first-order estimate of every cell's restoration effect.
+
+The exact engine (``run_restore``) runs one (partial) forward pass per (image, cell). Attribution
+patching (Nanda 2023; AtP of Kramár et al. 2024, "AtP*: An efficient and scalable method for
+localizing LLM behaviour to components") estimates all cells at once, from one clean forward pass
+and one corrupted forward + backward pass per batch of images:
+
+    effect(cell) ~= sum over the cell's entries e of (a_clean[e] - a_corrupted[e]) . d score / d a[e]
+
+with the gradient taken on the corrupted run (the denoising direction: restoring clean values into
+the corrupted run, so the signs match the engine's effects). An entry is one token (and head) of
+one hook; a cell restoring several layers or tokens (a layer window) is the sum of its entries'
+terms. The estimate is exact when the score is linear in the restored activations; it is weak
+where the score is far from linear in them: the literature (Kramár et al. 2024) and this
+project's benchmark (``benchmarks/fast_patching.py``) find it poor for large activations such as
+the residual stream.
+
+**QK fix** (AtP*, ``qk_fix=True``, the default): linearising through the attention softmax is the
+main failure of AtP when a restored activation changes attention scores (saturated softmaxes). For
+sites that feed a layer's attention scores directly, the patched softmax is recomputed exactly and
+only its change is linearised, ``sum_(query, key) (pattern' - pattern) * d score / d pattern``:
+
+- ``attn.hook_q`` / ``attn.hook_k``: the queries (keys) feed only the scores, so their whole term
+  is the pattern term (row ``t`` of the pattern recomputed with the clean query of token ``t``;
+  column ``t`` of every row with its clean key);
+- ``hook_resid_pre``: the token's clean residual gives the clean query and key of that layer's
+  attention; their first-order term (the gradient through ``ln1`` -> q, k) is replaced by the
+  pattern term with both patched, and the remaining paths (residual, values) stay linear.
+
+Each token's patched softmax is recomputed on its own; a cell restoring several tokens sums its
+tokens' terms, as it sums its layers' terms. The fix does not apply to other sites
+(``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_mid`` / ``hook_resid_post``, ``attn.hook_z`` /
+``hook_v`` / ``hook_result``, MLP hooks): they reach attention scores only through later layers
+(LayerNorm, MLP), where the patched queries and keys are not known without running the patched
+model; their terms stay linear. The fix assumes the model's attention scores are
+``q . k / sqrt(d_head)`` (what ``Attention`` computes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from einops import einsum, rearrange
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vitlens_patch.model import HookedViT
+from vitlens_patch.patching.engine import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    Corruption,
+    RestoreOutput,
+    _bytes_per_row,
+    _site_mask,
+    cached_run,
+    check_cells,
+    resolve_corruption,
+)
+from vitlens_patch.patching.scores import resolve_score, resolve_target
+from vitlens_patch.patching.sites import BLOCK_HOOK, Site
+
+QK_PATCHES = ("query", "key", "both")
+_QK_SITES = {"attn.hook_q": "query", "attn.hook_k": "key", "hook_resid_pre": "both"}
+
+
+def pattern_terms(
+    q_clean: Float[Tensor, "batch pos head d_head"],
+    k_clean: Float[Tensor, "batch pos head d_head"],
+    q_corrupted: Float[Tensor, "batch pos head d_head"],
+    k_corrupted: Float[Tensor, "batch pos head d_head"],
+    grad_pattern: Float[Tensor, "batch head query_pos key_pos"],
+    patch: str,
+) -> Float[Tensor, "batch pos head"]:
+    """AtP*'s QK fix: per token t and head, ``sum (pattern' - pattern) * grad_pattern`` with
+    pattern' the softmax recomputed exactly with token t's clean query, key, or both.
+
+    ``patch="query"``: row t of the scores becomes ``q_clean[t] . k_corrupted``; ``"key"``: column
+    t of every row becomes ``q_corrupted . k_clean[t]``; ``"both"``: row t becomes
+    ``q_clean[t] . k'`` (k' = corrupted keys with key t clean) and column t of the other rows
+    ``q_corrupted . k_clean[t]``. Scores are ``q . k / sqrt(d_head)``. All rows, columns and tokens
+    are done at once, in float32: a new row is a softmax of [batch, head, pos, pos]; a changed
+    column t changes each row's softmax by a single entry: with score change ``delta`` and
+    ``r = 1 - p_t + p_t exp(delta)``, the new row is ``p / r`` with entry t ``p_t exp(delta) / r``.
+
+    Returns:
+        terms [batch, pos, head]: the first-order effect of token ``pos``'s patch, per head.
+    """
+    if patch not in QK_PATCHES:
+        raise ValueError(f"patch must be one of {QK_PATCHES}, got {patch!r}")
+    q_clean, k_clean, q_corrupted, k_corrupted, grad = (
+        t.float() for t in (q_clean, k_clean, q_corrupted, k_corrupted, grad_pattern)
+    )
+    scale = q_clean.shape[-1] ** -0.5
+    scores = einsum(q_corrupted, k_corrupted, "batch q head d, batch k head d -> batch head q k") * scale
+    log_pattern = scores.log_softmax(-1)
+    pattern = log_pattern.exp()
+    terms = torch.zeros(pattern.shape[:3], device=pattern.device)  # [batch, head, token]
+    if patch in ("key", "both"):
+        new_column = einsum(q_corrupted, k_clean, "batch q head d, batch t head d -> batch head q t") * scale
+        delta = new_column - scores  # [batch, head, query, t]: change of score (query, t)
+        # Normaliser ratio r = 1 - p_t + p_t exp(delta), in log space. For each row's largest entry,
+        # where p_t may round to 1 and 1 / r overflow, the other entries are summed directly,
+        # scaled by the second largest.
+        top = scores.argmax(-1, keepdim=True)
+        others = log_pattern.scatter(-1, top, -torch.inf)
+        second = others.max(-1, keepdim=True).values
+        scaled = torch.exp(others - second)
+        log_rest = torch.log1p(-pattern).scatter(-1, top, second + scaled.sum(-1, keepdim=True).log())
+        log_r = torch.logaddexp(log_rest, log_pattern + delta)
+        weighted = pattern * grad
+        rest = (weighted.sum(-1, keepdim=True) - weighted) * torch.expm1(-log_r)  # entries k != t
+        top_rest = (scaled * grad).sum(-1, keepdim=True) * (torch.exp(second - log_r.gather(-1, top)) - second.exp())
+        column = rest.scatter(-1, top, top_rest) + grad * (torch.exp(log_pattern + delta - log_r) - pattern)
+        if patch == "both":  # row t is recomputed in full below
+            column = column - torch.diag_embed(column.diagonal(dim1=-2, dim2=-1))
+        terms = terms + column.sum(-2)
+    if patch in ("query", "both"):
+        new_rows = einsum(q_clean, k_corrupted, "batch t head d, batch k head d -> batch head t k") * scale
+        if patch == "both":
+            own = einsum(q_clean, k_clean, "batch t head d, batch t head d -> batch head t") * scale
+            new_rows = new_rows - torch.diag_embed(new_rows.diagonal(dim1=-2, dim2=-1)) + torch.diag_embed(own)
+        terms = terms + ((new_rows.softmax(-1) - pattern) * grad).sum(-1)
+    return rearrange(terms, "batch head pos -> batch pos head")
+
+
+def _qk_kind(site: Site, qk_fix: bool) -> str | None:
+    """The QK-fix patch kind ("query", "key", "both") of a site's hook, or None (linear term)."""
+    return _QK_SITES.get(BLOCK_HOOK.match(site.hook_name).group(2)) if qk_fix else None
+
+
+def estimate_restore(
+    model: HookedViT,
+    clean: Float[Tensor, "image channel height width"],
+    corrupted: Corruption,
+    cells: Sequence[Sequence[Site]],
+    *,
+    score="prob",
+    target: int | Tensor | None = None,
+    qk_fix: bool = True,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> RestoreOutput:
+    """Attribution-patching estimate of ``run_restore``'s effects for every (image, cell).
+
+    Per batch of images: one clean forward pass (caching the restored sites), one corrupted
+    forward pass from the first restored layer and one backward pass to it; then every cell's
+    estimate is a sum of per-entry terms (see the module docstring for the estimate and the QK
+    fix).
+
+    Args:
+        model, clean, corrupted, cells, score, target: as in
+            :func:`~vitlens_patch.patching.engine.run_restore`.
+        qk_fix: apply AtP*'s QK fix to sites feeding attention scores (``hook_resid_pre``,
+            ``attn.hook_q``, ``attn.hook_k``); other sites are linear either way.
+        batch_size: images per forward/backward pass; default from the engine's memory budget.
+        progress: show a progress bar over batches.
+
+    Returns:
+        RestoreOutput whose ``effects`` [image, cell] are the estimates (``restored_score`` is
+        ``corrupted_score + estimate``).
+    """
+    clean = model._check_images(clean)
+    corrupted_images, corrupted_hooks = resolve_corruption(model, clean, corrupted)
+    cells = check_cells(model, cells)
+    if not isinstance(qk_fix, bool):
+        raise ValueError(f"qk_fix must be True or False, got {qk_fix!r}")
+    if batch_size is None:
+        budget = DEFAULT_MEMORY_BUDGET_MB.get(model.device.type, DEFAULT_MEMORY_BUDGET_MB["cuda"])
+        batch_size = max(1, int(budget * 2**20 // (model.cfg.n_layers * _bytes_per_row(model))))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    score_fn = resolve_score(score)
+    n_images = clean.shape[0]
+    if target is not None:  # checked once for all images, then sliced per batch
+        target = resolve_target(target, clean.new_empty(n_images, 0), model.cfg.n_classes)
+
+    # Which term each hook contributes: hook name -> QK patch kind or None (linear).
+    kinds: dict[str, str | None] = {site.hook_name: _qk_kind(site, qk_fix) for cell in cells for site in cell}
+    # One float mask per hook: [cell, entry] with entry = pos or (pos head), flattened.
+    masks: dict[str, Tensor] = {}
+    for name in kinds:
+        per_cell = []
+        for cell in cells:
+            mask = None
+            for site in cell:
+                if site.hook_name == name:
+                    mask = _site_mask(site, model, mask)
+            per_cell.append(mask)
+        some = next(mask for mask in per_cell if mask is not None)
+        masks[name] = torch.stack(
+            [(torch.zeros_like(some) if mask is None else mask).flatten() for mask in per_cell]
+        ).to(model.device, torch.float32)
+
+    qk_layers = sorted({int(BLOCK_HOOK.match(name).group(1)) for name, kind in kinds.items() if kind})
+    qk_names = {f"blocks.{layer}.attn.hook_{part}" for layer in qk_layers for part in ("q", "k")}
+    pattern_names = {f"blocks.{layer}.attn.hook_pattern" for layer in qk_layers}
+    first_layer = min(site.layer for cell in cells for site in cell)
+
+    estimate = torch.empty(n_images, len(cells), device=model.device)
+    clean_score = torch.empty(n_images, device=model.device)
+    corrupted_score = torch.empty(n_images, device=model.device)
+    targets = []
+    starts = range(0, n_images, batch_size)
+    for start in tqdm(starts, desc="attribution", disable=not progress or len(starts) <= 1, leave=False):
+        batch = slice(start, start + batch_size)
+        with torch.no_grad():
+            clean_logits, clean_cache = cached_run(model, clean[batch], set(kinds) | qk_names)
+        batch_target = resolve_target(None if target is None else target[batch], clean_logits, model.cfg.n_classes)
+        targets.append(batch_target)
+        corrupted_logits, acts, grads = _gradient_run(
+            model, corrupted_images[batch], corrupted_hooks, set(kinds) | qk_names | pattern_names,
+            first_layer, lambda logits, t=batch_target: score_fn(logits, t).float().sum(),
+        )
+        estimate[batch] = sum(
+            _site_terms(name, kind, clean_cache, acts, grads).flatten(1) @ masks[name].T
+            for name, kind in kinds.items()
+        )
+        del acts, grads  # frees the retained graph
+        clean_score[batch] = score_fn(clean_logits, batch_target).float()
+        corrupted_score[batch] = score_fn(corrupted_logits.detach(), batch_target).float()
+    return RestoreOutput(corrupted_score[:, None] + estimate, clean_score, corrupted_score, torch.cat(targets))
+
+
+def _gradient_run(
+    model: HookedViT, images: Tensor, corruption_hooks: list, names: set[str], first_layer: int, total_score
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """The corrupted run with gradients: no-grad up to ``first_layer``, then forward and backward.
+
+    Returns (logits, activations at ``names``, d total_score / d activation at ``names``). The
+    graph is retained so that :func:`_site_terms` can take gradients within a block.
+    """
+    with torch.no_grad():
+        resid = model.run_with_hooks(images, stop_at_layer=first_layer, fwd_hooks=corruption_hooks)
+    acts: dict[str, Tensor] = {}
+
+    def store(act: Tensor, hook) -> None:
+        acts[hook.name] = act
+
+    with torch.enable_grad():
+        resid.requires_grad_(True)  # the graph exists even if the weights do not require grad
+        logits = model.run_with_hooks(
+            resid, start_at_layer=first_layer,
+            fwd_hooks=[*corruption_hooks, *((name, store) for name in sorted(names))],
+        )
+        ordered = sorted(acts)
+        gradients = torch.autograd.grad(
+            total_score(logits), [acts[name] for name in ordered], retain_graph=True, allow_unused=True
+        )
+    grads = {
+        name: torch.zeros_like(acts[name]) if grad is None else grad for name, grad in zip(ordered, gradients)
+    }
+    return logits, acts, grads
+
+
+def _site_terms(
+    name: str, kind: str | None, clean: dict[str, Tensor], acts: dict[str, Tensor], grads: dict[str, Tensor]
+) -> Float[Tensor, "batch pos *head"]:
+    """Per-entry terms of one hook: [batch, pos] or [batch, pos, head] (head hooks, QK-fixed q/k).
+
+    Linear: ``(a_clean - a_corrupted) . grad``. QK-fixed q / k: the pattern term alone. QK-fixed
+    ``hook_resid_pre``: the linear term without its path through this layer's queries and keys,
+    plus the pattern term with both patched (summed over heads).
+    """
+    corrupted = acts[name].detach()
+    if kind is None:
+        return ((clean[name] - corrupted).float() * grads[name].float()).sum(-1)
+    prefix = f"blocks.{BLOCK_HOOK.match(name).group(1)}"
+    q_name, k_name = f"{prefix}.attn.hook_q", f"{prefix}.attn.hook_k"
+    terms = pattern_terms(
+        clean[q_name], clean[k_name], acts[q_name].detach(), acts[k_name].detach(),
+        grads[f"{prefix}.attn.hook_pattern"], kind,
+    )
+    if kind != "both":
+        return terms
+    # gradient at resid_pre through ln1 -> (q, k) of this layer only: removed from the linear term
+    (through_qk,) = torch.autograd.grad(
+        [acts[q_name], acts[k_name]], acts[name], [grads[q_name], grads[k_name]], retain_graph=True
+    )
+    linear = ((clean[name] - corrupted).float() * (grads[name] - through_qk).float()).sum(-1)
+    return linear + terms.sum(-1)
