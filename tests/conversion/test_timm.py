@@ -33,6 +33,12 @@ FAMILIES = {
     "patch_size_32": dict(img_size=64, patch_size=32),
     "non_square_patch": dict(img_size=(32, 64), patch_size=(8, 16)),
     "gelu_tanh": dict(act_layer="gelu_tanh"),
+    # backbones without a classifier: the output is the pooled features, or every token
+    "headless_token_pool": dict(num_classes=0),
+    "headless_tokens_global_pool_none": dict(num_classes=0, global_pool=""),
+    "headless_avg_pool_fc_norm": dict(num_classes=0, global_pool="avg", fc_norm=True),
+    "headless_dinov2_style": dict(num_classes=0, no_embed_class=True, reg_tokens=4, init_values=1e-5),
+    "headless_clip_style": dict(num_classes=0, pre_norm=True, act_layer=QuickGELU),
 }
 
 
@@ -58,13 +64,25 @@ def test_timm_family_parity(family):
     assert_parity(model, torch.randn(4, 3, height, width))
 
 
-def test_deit_distilled_parity_two_prefix_tokens_two_heads():
+@pytest.mark.parametrize("num_classes", [10, 0])
+def test_deit_distilled_parity_two_prefix_tokens_two_heads(num_classes):
     torch.manual_seed(0)
     model = VisionTransformerDistilled(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=num_classes
     ).eval()
     assert config_from_timm(model).n_prefix_tokens == 2
     assert_parity(model, torch.randn(4, 3, 32, 32))
+
+
+def test_headless_output_shapes_and_hook_pooled():
+    images = torch.randn(2, 3, 32, 32)
+    pooled = HookedViT.from_timm(tiny_timm_vit(num_classes=0))
+    tokens = HookedViT.from_timm(tiny_timm_vit(num_classes=0, global_pool=""))
+    assert pooled.cfg.n_classes == 0 and pooled.head is None
+    assert tokens.cfg.pooling == "none"
+    features, cache = pooled.run_with_cache(images, names_filter="hook_pooled")
+    assert features.shape == (2, 32) and torch.equal(cache["hook_pooled"], features)
+    assert tokens(images).shape == (2, tokens.cfg.n_pos, 32)
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_base_patch32_clip_224.openai"])
@@ -86,7 +104,7 @@ UNSUPPORTED = [
     (lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False), "model class Eva"),
     (lambda: tiny_timm_vit(global_pool="map"), "attention pooling"),
     (lambda: tiny_timm_vit(dynamic_img_size=True), "dynamic_img_size"),
-    (lambda: tiny_timm_vit(num_classes=0), "num_classes=0"),
+    (lambda: tiny_timm_vit(global_pool=""), "global_pool='' with a classifier"),
     (lambda: tiny_timm_vit(scale_mlp_norm=True), "MLP type"),
     (lambda: tiny_timm_vit(mlp_layer=timm.layers.SwiGLU), "MLP type SwiGLU"),
     (lambda: tiny_timm_vit(norm_layer=timm.layers.RmsNorm), "normalisation RmsNorm"),

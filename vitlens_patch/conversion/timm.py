@@ -68,12 +68,15 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         raise NotImplementedError(f"VisionTransformer subclass {type(model).__name__} is not supported")
     if model.attn_pool is not None:
         raise NotImplementedError(f"global_pool={model.global_pool!r} (attention pooling) is not supported")
-    if model.global_pool not in ("token", "avg", "max", "avgmax"):
+    if model.global_pool not in ("token", "avg", "max", "avgmax", ""):
         raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported")
-    if model.pool_include_prefix and model.global_pool != "token":
+    if model.pool_include_prefix and model.global_pool not in ("token", ""):
         raise NotImplementedError("pool_include_prefix=True is not supported")
-    if model.num_classes == 0:
-        raise NotImplementedError("num_classes=0 (no classifier head) is not supported")
+    if model.global_pool == "" and model.num_classes:
+        raise NotImplementedError(
+            "global_pool='' with a classifier (logits for every token) is not supported; build it "
+            "with num_classes=0 for the tokens"
+        )
     if model.dynamic_img_size:
         raise NotImplementedError("dynamic_img_size=True is not supported; build the model at a fixed img_size")
     if model.pos_embed is None:
@@ -129,7 +132,7 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         pos_embed_prefix=not model.no_embed_class,
         pre_norm=pre_norm,
         final_norm="pooled" if has_fc_norm else ("tokens" if has_norm else "none"),
-        pooling="distilled" if distilled else model.global_pool,
+        pooling="distilled" if distilled else (model.global_pool or "none"),
         layer_scale=not isinstance(first.ls1, nn.Identity),
         qkv_bias=first.attn.qkv.bias is not None,
         proj_bias=first.attn.proj.bias is not None,
@@ -206,11 +209,14 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> di
             out[f"{dst}.gamma_mlp"] = take(f"{src}.ls2.gamma")
     if cfg.final_norm != "none":
         out |= norm("fc_norm" if cfg.final_norm == "pooled" else "norm", "ln_final")
-    out["head.W_U"] = take("head.weight").T
-    out["head.b_U"] = take("head.bias")
-    if cfg.distilled:
+    if cfg.n_classes:
+        out["head.W_U"] = take("head.weight").T
+        if cfg.head_bias:
+            out["head.b_U"] = take("head.bias")
+    if cfg.n_classes and cfg.distilled:
         out["head.W_U_dist"] = take("head_dist.weight").T
-        out["head.b_U_dist"] = take("head_dist.bias")
+        if cfg.head_bias:
+            out["head.b_U_dist"] = take("head_dist.bias")
     leftover = sorted(set(source) - taken)
     if leftover:
         raise ValueError(f"timm state dict has keys HookedViT cannot place: {leftover}")
@@ -263,5 +269,7 @@ def _class_names(model: nn.Module) -> tuple[str, ...] | None:
     """ImageNet label descriptions when timm can tell the model's label set, else None."""
     from timm.data import ImageNetInfo, infer_imagenet_subset
 
+    if not model.num_classes:
+        return None
     subset = infer_imagenet_subset(model) if getattr(model, "pretrained_cfg", None) else None
     return tuple(ImageNetInfo(subset).label_descriptions()) if subset else None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
-POOLINGS = ("token", "avg", "max", "avgmax", "distilled")
+POOLINGS = ("token", "avg", "max", "avgmax", "distilled", "token_avg", "none")
 FINAL_NORMS = ("tokens", "pooled", "none")
 
 
@@ -27,7 +27,8 @@ class ViTConfig:
         img_size: input (height, width) in pixels (an int means square).
         patch_size: patch (height, width) in pixels (an int means square).
         in_chans: input channels.
-        n_classes: classifier outputs.
+        n_classes: classifier outputs; 0 for a backbone without a classifier, whose output is
+            its features (see ``pooling``).
         class_token: whether a class token is prepended.
         n_register_tokens: register tokens after the class token (Darcet et al. 2023).
         distilled: DeiT distillation token after the class token, with a second head averaged in.
@@ -36,14 +37,18 @@ class ViTConfig:
         pre_norm: LayerNorm on the tokens before block 0 (CLIP's ``ln_pre``).
         final_norm: where the final LayerNorm sits: on all "tokens" before pooling, on the
             "pooled" vector (timm's ``fc_norm``), or "none".
-        pooling: "token" (class token), "avg" / "max" / "avgmax" over patch tokens, or
-            "distilled" (class and distillation tokens through two heads, averaged).
+        pooling: "token" (class token), "avg" / "max" / "avgmax" over patch tokens,
+            "distilled" (class and distillation tokens through two heads, averaged), "token_avg"
+            (class token concatenated with the patch-token mean, HF's
+            ``Dinov2ForImageClassification``), or "none" (every token, timm's ``global_pool=''``;
+            no linear classifier, ``with_head`` heads read the tokens).
         layer_scale: per-channel scales on the attention and MLP outputs (CaiT / DeiT-3).
         qkv_bias, proj_bias, patch_embed_bias: presence of those biases (proj_bias also covers
             the MLP's linear layers, as in timm).
         qk_norm: LayerNorm on each head's queries and keys.
         activation: MLP activation, one of ``ACTIVATIONS``.
         eps: LayerNorm epsilon.
+        head_bias: whether the classifier has a bias (False for CLIP's image projection).
     """
 
     n_layers: int
@@ -69,6 +74,7 @@ class ViTConfig:
     qk_norm: bool = False
     activation: Literal["gelu", "gelu_tanh", "quick_gelu", "relu"] = "gelu"
     eps: float = 1e-6
+    head_bias: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", _pair(self.img_size))
@@ -82,9 +88,11 @@ class ViTConfig:
             object.__setattr__(self, "d_head", self.d_model // self.n_heads)
         for name, value in [("n_layers", self.n_layers), ("d_model", self.d_model),
                             ("n_heads", self.n_heads), ("d_mlp", self.d_mlp),
-                            ("n_classes", self.n_classes), ("in_chans", self.in_chans)]:
+                            ("in_chans", self.in_chans)]:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.n_classes < 0:
+            raise ValueError(f"n_classes must be >= 0 (0: no classifier), got {self.n_classes}")
         for axis in range(2):
             if self.img_size[axis] % self.patch_size[axis]:
                 raise ValueError(
@@ -99,6 +107,8 @@ class ViTConfig:
             raise ValueError("pooling='token' needs class_token=True")
         if (self.pooling == "distilled") != self.distilled:
             raise ValueError("pooling='distilled' and distilled=True go together")
+        if self.pooling == "token_avg" and not self.class_token:
+            raise ValueError("pooling='token_avg' needs class_token=True")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -113,6 +123,11 @@ class ViTConfig:
     def n_prefix_tokens(self) -> int:
         """Class, distillation and register tokens, which come before the patch tokens."""
         return int(self.class_token) + int(self.distilled) + self.n_register_tokens
+
+    @property
+    def d_pooled(self) -> int:
+        """Width of the pooled vector the classifier reads: 2 * d_model for "token_avg"."""
+        return 2 * self.d_model if self.pooling == "token_avg" else self.d_model
 
     @property
     def n_pos(self) -> int:

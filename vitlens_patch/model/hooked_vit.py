@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any
 
@@ -18,17 +19,22 @@ from vitlens_patch.model.components import (
     PosEmbed,
     PrefixTokens,
     TransformerBlock,
+    ZeroShotHead,
     pool_tokens,
+    pooled_features,
 )
 from vitlens_patch.model.config import ViTConfig
 from vitlens_patch.model.preprocess import DataConfig
 
 
 class HookedViT(HookedRootModule):
-    """A ViT classifier with TransformerLens hook points.
+    """A ViT classifier (or backbone) with TransformerLens hook points.
 
     Forward: images [batch, channel, height, width] (normalised, see ``preprocess``) ->
-    logits [batch, n_classes]. Token order: prefix tokens (class, distillation, registers), then
+    logits [batch, n_classes]; a backbone without a classifier (``cfg.n_classes == 0``) returns
+    its features instead, exactly what timm returns for it: the pooled vector [batch, d_pooled]
+    (distilled: the mean of class and distillation token), or every token [batch, pos, d_model]
+    when ``cfg.pooling == "none"``. ``with_head`` attaches a classifier. Token order: prefix tokens (class, distillation, registers), then
     patches row-major; patch p is token ``cfg.n_prefix_tokens + p`` at grid cell
     ``divmod(p, cfg.grid_size[1])``.
 
@@ -47,8 +53,9 @@ class HookedViT(HookedRootModule):
         blocks.{i}.hook_attn_out / hook_mlp_out              [batch, pos, d_model]
         blocks.{i}.mlp.hook_pre / hook_post                  [batch, pos, d_mlp]
         ln_final.hook_normalized  [batch, pos, d_model] ([batch, d_model] if final_norm="pooled")
-        hook_pooled             [batch, d_model]   ([batch, 2, d_model] for distilled models)
-        hook_logits             [batch, n_classes]
+        hook_pooled             [batch, d_pooled]  ([batch, 2, d_model] for distilled models,
+                                                    [batch, pos, d_model] for pooling="none")
+        hook_logits             [batch, n_classes]  (the features, when there is no classifier)
 
     Loaders: ``HookedViT.from_timm`` and ``HookedViT.from_hf``. ``data_config`` holds the
     preprocessing the weights expect; ``class_names`` the label of each logit when known.
@@ -74,8 +81,8 @@ class HookedViT(HookedRootModule):
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.ln_final = LayerNorm(cfg.d_model, cfg.eps) if cfg.final_norm != "none" else None
         self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model] distilled)
-        self.head = ClassifierHead(cfg)
-        self.hook_logits = HookPoint()  # [batch, n_classes]
+        self.head = ClassifierHead(cfg) if cfg.n_classes else None
+        self.hook_logits = HookPoint()  # [batch, n_classes] (features without a classifier)
         self.init_weights()
         self.setup()
 
@@ -141,14 +148,78 @@ class HookedViT(HookedRootModule):
         tokens = self.hook_full_embed(self.prefix_tokens(patches) + pos)
         return tokens if self.ln_pre is None else self.ln_pre(tokens)
 
-    def forward_head(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch n_classes"]:
-        """Residual stream after the last block -> logits."""
+    def forward_head(self, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
+        """Residual stream after the last block -> logits [batch, n_classes] (the features when
+        there is no classifier, see the class docstring)."""
         if self.cfg.final_norm == "tokens":
             resid = self.ln_final(resid)
         pooled = pool_tokens(resid, self.cfg)
         if self.cfg.final_norm == "pooled":
             pooled = self.ln_final(pooled)
-        return self.hook_logits(self.head(self.hook_pooled(pooled)))
+        pooled = self.hook_pooled(pooled)
+        if isinstance(self.head, ClassifierHead):  # reads both pooled tokens of a distilled model
+            return self.hook_logits(self.head(pooled))
+        features = pooled_features(pooled, self.cfg)
+        return self.hook_logits(features if self.head is None else self.head(features))
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one image's features, what ``with_head``'s head reads: (d_pooled,), or
+        (pos, d_model) when ``cfg.pooling == "none"``."""
+        if self.cfg.pooling == "none":
+            return (self.cfg.n_pos, self.cfg.d_model)
+        return (self.cfg.d_pooled,)
+
+    # ------------------------------------------------------------------------- heads
+    def with_head(self, head: nn.Module, class_names: tuple[str, ...] | None = None) -> "HookedViT":
+        """This backbone with ``head`` as its classifier (a linear probe, ``ZeroShotHead``, any module).
+
+        ``head`` maps the features [batch, *feature_shape] (what the model returns without a
+        classifier) to logits [batch, n_classes]; it replaces the current classifier, if any. The
+        returned HookedViT shares this model's modules (parameters and hook points: a hook added
+        to one runs in both) and its data config; its ``cfg.n_classes`` is the head's output
+        width, found by one call of ``head`` on zeros. Every tool then works on it unchanged.
+
+        Raises:
+            ValueError: if ``head`` is not an ``nn.Module`` or does not return [batch, n_classes].
+        """
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"head must be an nn.Module mapping features to logits, got {type(head).__name__}")
+        with torch.no_grad():
+            logits = head(torch.zeros(1, *self.feature_shape, device=self.device, dtype=self.dtype))
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != 1 or logits.shape[1] < 1:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"head must map features [batch, {', '.join(map(str, self.feature_shape))}] to logits "
+                f"[batch, n_classes], got {got} for a batch of 1"
+            )
+        headless = dataclasses.replace(self.cfg, n_classes=0)
+        with torch.device("meta"):
+            model = HookedViT(headless, data_config=self.data_config, class_names=class_names)
+        for name, module in self.named_children():
+            if name not in ("head", "hook_pooled", "hook_logits"):
+                setattr(model, name, module)
+        model.head = head
+        model.cfg = dataclasses.replace(self.cfg, n_classes=logits.shape[1])
+        model.setup()
+        return model.train(self.training)
+
+    def with_zero_shot_head(
+        self,
+        text_embeddings: Float[Tensor, "n_classes d_embed"],
+        logit_scale: float | Tensor,
+        logit_bias: float | Tensor | None = None,
+        class_names: tuple[str, ...] | None = None,
+    ) -> "HookedViT":
+        """CLIP / SigLIP zero-shot classifier from one text embedding per class (see ``ZeroShotHead``).
+
+        The model's current output is the image embedding: a tower with a projection (CLIP's
+        ``visual_projection``, converted as the classifier) keeps it inside the new head; a tower
+        without one uses its features. ``logit_scale`` is the log of the multiplier, as CLIP and
+        SigLIP store it; ``logit_bias`` is SigLIP's (None for CLIP).
+        """
+        head = ZeroShotHead(text_embeddings, logit_scale, logit_bias, projection=self.head)
+        return self.with_head(head.to(self.device), class_names)
 
     def forward(
         self,
