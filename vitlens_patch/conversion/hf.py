@@ -223,7 +223,7 @@ def convert_hf_state_dict(state_dict: dict[str, Tensor], hf_config: PretrainedCo
     return converted
 
 
-def pretrained_cfg_from_hf(hf_config: PretrainedConfig, image_processor=None) -> dict:
+def pretrained_cfg_from_hf(hf_config: PretrainedConfig, image_processor=None, with_labels: bool = True) -> dict:
     """timm-style pretrained cfg (data config + label names) from an HF config and image processor.
 
     Args:
@@ -231,10 +231,11 @@ def pretrained_cfg_from_hf(hf_config: PretrainedConfig, image_processor=None) ->
             ``label_names`` (from ``id2label``).
         image_processor: an HF image processor or its ``to_dict()``; None means ViTImageProcessor
             defaults (mean = std = 0.5, bilinear).
+        with_labels: False for a model without a classifier: ``num_classes`` 0, no label names.
 
     Returns:
         dict with ``input_size``, ``mean``, ``std`` (for [0, 1] pixels), ``interpolation``,
-        ``crop_pct``, ``crop_mode``, ``num_classes`` and ``label_names``.
+        ``crop_pct``, ``crop_mode``, ``num_classes`` and ``label_names`` (None without labels).
     """
     if image_processor is None:
         settings = {}
@@ -263,8 +264,10 @@ def pretrained_cfg_from_hf(hf_config: PretrainedConfig, image_processor=None) ->
         "interpolation": _PIL_RESAMPLE_TO_INTERPOLATION.get(resample, "bilinear"),
         "crop_pct": crop_pct,
         "crop_mode": "center",
-        "num_classes": hf_config.num_labels,
-        "label_names": tuple(hf_config.id2label[index] for index in range(hf_config.num_labels)),
+        "num_classes": hf_config.num_labels if with_labels else 0,
+        "label_names": (
+            tuple(hf_config.id2label[index] for index in range(hf_config.num_labels)) if with_labels else None
+        ),
     }
 
 
@@ -276,20 +279,10 @@ def _load_image_processor(name: str):
 
 
 def _load_hf_model(name: str) -> ViTForImageClassification:
-    hf_config = AutoConfig.from_pretrained(name)
-    timm_kwargs_from_hf_config(hf_config)  # fail on unsupported models before fetching weights
-    hf_model, loading_info = ViTForImageClassification.from_pretrained(
-        name, config=hf_config, output_loading_info=True
-    )
+    timm_kwargs_from_hf_config(AutoConfig.from_pretrained(name))  # fail on unsupported models before fetching weights
     # from_pretrained silently initialises absent weights (e.g. the classifier of a ViTModel
     # checkpoint); a random head would make every logit meaningless.
-    if loading_info["missing_keys"] or loading_info["mismatched_keys"]:
-        raise ValueError(
-            f"{name!r} is not a complete ViTForImageClassification checkpoint: missing keys "
-            f"{sorted(loading_info['missing_keys'])}, mismatched keys "
-            f"{sorted(loading_info['mismatched_keys'])}"
-        )
-    return hf_model.eval()
+    return _load_complete(name, "ViTForImageClassification")
 
 
 def timm_model_from_hf(
@@ -334,14 +327,45 @@ def timm_model_from_hf(
     return timm_model.eval()
 
 
-def from_hf(model_or_name: ViTForImageClassification | str | os.PathLike, image_processor=None) -> HookedViT:
-    """HookedViT of an HF ``ViTForImageClassification`` (built model, hub name or local path).
+def from_hf(model_or_name: PreTrainedModel | str | os.PathLike, image_processor=None) -> HookedViT:
+    """HookedViT of an HF vision model (built model, hub name or local path).
 
-    Converts through timm (``timm_model_from_hf``, same arguments) and ``from_timm``, which reads
-    ``data_config`` off the timm model's ``pretrained_cfg`` (the image processor's mean, std,
-    resampling); ``class_names`` come from ``config.id2label``.
+    ``ViTForImageClassification`` converts through timm (``timm_model_from_hf``, same arguments)
+    and ``from_timm``, which reads ``data_config`` off the timm model's ``pretrained_cfg`` (the
+    image processor's mean, std, resampling); ``class_names`` come from ``config.id2label``. The
+    towers and backbones of ``hf_towers.HF_CONVERTERS`` (CLIP, DINOv2, DeiT, ``ViTModel``)
+    convert key by key with ``hf_towers.hooked_vit_from_hf_tower``; a name is loaded with the
+    class its config's ``architectures`` names.
+
+    Raises:
+        NotImplementedError: for any other HF class, naming the supported ones.
     """
+    from vitlens_patch.conversion.hf_towers import HF_CONVERTERS, hooked_vit_from_hf_tower
+
+    if isinstance(model_or_name, (str, os.PathLike)):
+        name = os.fspath(model_or_name)
+        architecture = (AutoConfig.from_pretrained(name).architectures or [None])[0]
+        if architecture in HF_CONVERTERS:
+            if image_processor is None:
+                image_processor = _load_image_processor(name)
+            return hooked_vit_from_hf_tower(_load_complete(name, architecture), image_processor)
+    elif isinstance(model_or_name, PreTrainedModel) and not isinstance(model_or_name, ViTForImageClassification):
+        return hooked_vit_from_hf_tower(model_or_name, image_processor)
     timm_model = timm_model_from_hf(model_or_name, image_processor)
     model = from_timm(timm_model)
     model.class_names = timm_model.pretrained_cfg["label_names"]
     return model
+
+
+def _load_complete(name: str, architecture: str) -> PreTrainedModel:
+    """``architecture.from_pretrained(name)``, refusing checkpoints with absent weights (which
+    ``from_pretrained`` would fill with random values)."""
+    import transformers
+
+    hf_model, loading_info = getattr(transformers, architecture).from_pretrained(name, output_loading_info=True)
+    if loading_info["missing_keys"] or loading_info["mismatched_keys"]:
+        raise ValueError(
+            f"{name!r} is not a complete {architecture} checkpoint: missing keys "
+            f"{sorted(loading_info['missing_keys'])}, mismatched keys {sorted(loading_info['mismatched_keys'])}"
+        )
+    return hf_model.eval()

@@ -213,7 +213,7 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> di
         out["head.W_U"] = take("head.weight").T
         if cfg.head_bias:
             out["head.b_U"] = take("head.bias")
-    if cfg.n_classes and cfg.distilled:
+    if cfg.n_classes and cfg.pooling == "distilled":
         out["head.W_U_dist"] = take("head_dist.weight").T
         if cfg.head_bias:
             out["head.b_U_dist"] = take("head_dist.bias")

@@ -31,7 +31,9 @@ class ViTConfig:
             its features (see ``pooling``).
         class_token: whether a class token is prepended.
         n_register_tokens: register tokens after the class token (Darcet et al. 2023).
-        distilled: DeiT distillation token after the class token, with a second head averaged in.
+        distilled: DeiT distillation token after the class token; with pooling "distilled" a
+            second head reads it and is averaged in (HF's ``DeiTForImageClassification`` reads
+            the class token only: pooling "token").
         pos_embed_prefix: whether position embeddings cover the prefix tokens (timm's
             ``not no_embed_class``).
         pre_norm: LayerNorm on the tokens before block 0 (CLIP's ``ln_pre``).
@@ -66,7 +68,7 @@ class ViTConfig:
     pos_embed_prefix: bool = True
     pre_norm: bool = False
     final_norm: Literal["tokens", "pooled", "none"] = "tokens"
-    pooling: Literal["token", "avg", "max", "avgmax", "distilled"] = "token"
+    pooling: Literal["token", "avg", "max", "avgmax", "distilled", "token_avg", "none"] = "token"
     layer_scale: bool = False
     qkv_bias: bool = True
     proj_bias: bool = True
@@ -105,8 +107,8 @@ class ViTConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if (self.pooling == "token") and not self.class_token:
             raise ValueError("pooling='token' needs class_token=True")
-        if (self.pooling == "distilled") != self.distilled:
-            raise ValueError("pooling='distilled' and distilled=True go together")
+        if self.pooling == "distilled" and not self.distilled:
+            raise ValueError("pooling='distilled' needs distilled=True")
         if self.pooling == "token_avg" and not self.class_token:
             raise ValueError("pooling='token_avg' needs class_token=True")
 

@@ -54,8 +54,8 @@ class ClassifierHead(nn.Module):
             raise ValueError("a linear classifier needs a pooled vector, got pooling='none' (every token)")
         self.W_U = nn.Parameter(torch.empty(cfg.d_pooled, cfg.n_classes))
         self.b_U = nn.Parameter(torch.zeros(cfg.n_classes)) if cfg.head_bias else None
-        self.distilled = cfg.distilled
-        if cfg.distilled:
+        self.distilled = cfg.pooling == "distilled"
+        if self.distilled:
             self.W_U_dist = nn.Parameter(torch.empty(cfg.d_model, cfg.n_classes))
             self.b_U_dist = nn.Parameter(torch.zeros(cfg.n_classes)) if cfg.head_bias else None
 
