@@ -28,3 +28,11 @@ def tiny_model() -> HookedViT:
 @pytest.fixture
 def tiny_images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def tiny_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two clean images and a noisy corruption of them: [2, 3, 32, 32] each."""
+    generator = torch.Generator().manual_seed(3)
+    clean = torch.randn(2, 3, 32, 32, generator=generator)
+    return clean, clean + 1.5 * torch.randn(2, 3, 32, 32, generator=generator)

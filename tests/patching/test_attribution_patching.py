@@ -7,7 +7,9 @@ import vitlens_patch
 from vitlens_patch.model import HookedViT, ViTConfig
 from vitlens_patch.patching.attribution_patching import estimate_restore, pattern_terms
 from vitlens_patch.patching.engine import run_restore
+from vitlens_patch.patching.results import TraceResult
 from vitlens_patch.patching.sites import Site
+from vitlens_patch.patching.tracing import trace_grid, trace_heads, trace_layers
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +207,77 @@ def test_pattern_terms_reject_an_unknown_patch():
     q = torch.zeros(1, 2, 1, 4)
     with pytest.raises(ValueError, match=r"patch must be one of \('query', 'key', 'both'\), got 'value'"):
         pattern_terms(q, q, q, q, torch.zeros(1, 1, 2, 2), "value")
+
+
+@pytest.mark.parametrize("trace, options", [
+    (trace_grid, dict(kind="resid_pre")),
+    (trace_layers, dict(kind="mlp", window=3)),
+    (trace_heads, dict()),
+])
+def test_traces_take_the_attribution_method(tiny_model, tiny_pair, trace, options):
+    clean, corrupted = tiny_pair
+    exact = trace(tiny_model, clean, corrupted, progress=False, **options)
+    estimate = trace(tiny_model, clean, corrupted, method="attribution", progress=False, **options)
+    assert estimate.dims == exact.dims and estimate.effects.shape == exact.effects.shape
+    assert exact.exact.all() and not estimate.exact.any()
+    assert estimate.settings["method"] == "attribution"
+    torch.testing.assert_close(estimate.clean_score, exact.clean_score)
+    assert not torch.allclose(estimate.effects, exact.effects)
+
+
+def test_verify_top_k_scores_the_largest_estimates_exactly(tiny_model, tiny_pair):
+    clean, corrupted = tiny_pair
+    exact = trace_grid(tiny_model, clean, corrupted, progress=False)
+    estimate = trace_grid(tiny_model, clean, corrupted, method="attribution", progress=False)
+    verified = trace_grid(tiny_model, clean, corrupted, method="attribution", verify_top_k=5, progress=False)
+    assert verified.exact.shape == exact.effects.shape
+    assert verified.exact.flatten(1).sum(1).tolist() == [5, 5]
+    for image in range(2):
+        top = estimate.effects[image].flatten().topk(5).indices
+        assert set(verified.exact[image].flatten().nonzero().flatten().tolist()) == set(top.tolist())
+    mask = verified.exact
+    torch.testing.assert_close(verified.effects[mask], exact.effects[mask])
+    torch.testing.assert_close(verified.effects[~mask], estimate.effects[~mask])
+
+
+def test_exact_mask_survives_save_and_indexing(tiny_model, tiny_pair, tmp_path):
+    clean, corrupted = tiny_pair
+    result = trace_heads(tiny_model, clean, corrupted, method="attribution", verify_top_k=2, progress=False)
+    result.save(tmp_path / "heads.safetensors")
+    loaded = TraceResult.load(tmp_path / "heads.safetensors")
+    assert torch.equal(loaded.exact, result.exact)
+    assert torch.equal(result[1].exact, result.exact[1:])
+    assert torch.equal(result.normalized().exact, result.exact)
+
+
+def test_bf16_engine_agrees_with_float32():
+    model = vitlens_patch.cifar10_vit()
+    images = model.preprocess(vitlens_patch.pretrained.sample_images().images[[0, 50]])
+    full, low = (
+        trace_grid(model, images, "grayscale", positions=[0, 30], dtype=dtype, progress=False)
+        for dtype in (None, torch.bfloat16)
+    )
+    rank = lambda x: x.flatten().argsort().argsort().double()  # noqa: E731
+    assert torch.corrcoef(torch.stack([rank(full.effects), rank(low.effects)]))[0, 1] > 0.99
+    gap = (full.clean_score - full.corrupted_score).abs()
+    assert ((full.effects - low.effects).abs().amax((1, 2)) / gap).max() < 0.1
+    assert not torch.equal(full.effects, low.effects)  # bf16 did run
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="atp"), r"method must be one of \('exact', 'attribution'\), got 'atp'"),
+    (dict(verify_top_k=5), "verify_top_k must be None or, with method='attribution', a positive int; got 5 with method='exact'"),
+    (dict(method="attribution", verify_top_k=0), "verify_top_k must be None or, with method='attribution', a positive int; got 0"),
+    (dict(dtype=torch.float16), r"dtype must be None, the model's dtype \(torch.float32\) or, for a float32 model on cpu, one of \['torch.bfloat16'\]; got torch.float16"),
+    (dict(dtype="bf16"), "dtype must be None, the model's dtype"),
+])
+def test_trace_rejects_bad_method_options(tiny_model, tiny_pair, options, message):
+    clean, corrupted = tiny_pair
+    with pytest.raises(ValueError, match=message):
+        trace_layers(tiny_model, clean, corrupted, progress=False, **options)
+
+
+def test_engine_rejects_a_bad_selection(tiny_model, tiny_pair):
+    clean, corrupted = tiny_pair
+    with pytest.raises(ValueError, match=r"selected must be a bool tensor \[image, cell\] = \[2, 1\], got \(2, 2\)"):
+        run_restore(tiny_model, clean, corrupted, [[Site("blocks.0.hook_attn_out")]], selected=torch.ones(2, 2, dtype=torch.bool))

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 import torch
 from einops import einsum, rearrange
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -55,11 +55,14 @@ from vitlens_patch.patching.engine import (
     _site_mask,
     cached_run,
     check_cells,
+    precision,
     resolve_corruption,
+    run_restore,
 )
 from vitlens_patch.patching.scores import resolve_score, resolve_target
 from vitlens_patch.patching.sites import BLOCK_HOOK, Site
 
+METHODS = ("exact", "attribution")
 QK_PATCHES = ("query", "key", "both")
 _QK_SITES = {"attn.hook_q": "query", "attn.hook_k": "key", "hook_resid_pre": "both"}
 
@@ -124,6 +127,16 @@ def pattern_terms(
     return rearrange(terms, "batch head pos -> batch pos head")
 
 
+def images_per_pass(model: HookedViT, memory_budget_mb: float | None) -> int:
+    """Images per attribution pass within ``memory_budget_mb`` (default: the engine's budget for
+    the device type); a backward pass keeps every layer's activations."""
+    if memory_budget_mb is None:
+        memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB.get(model.device.type, DEFAULT_MEMORY_BUDGET_MB["cuda"])
+    if memory_budget_mb <= 0:
+        raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+    return max(1, int(memory_budget_mb * 2**20 // (model.cfg.n_layers * _bytes_per_row(model))))
+
+
 def _qk_kind(site: Site, qk_fix: bool) -> str | None:
     """The QK-fix patch kind ("query", "key", "both") of a site's hook, or None (linear term)."""
     return _QK_SITES.get(BLOCK_HOOK.match(site.hook_name).group(2)) if qk_fix else None
@@ -139,6 +152,7 @@ def estimate_restore(
     target: int | Tensor | None = None,
     qk_fix: bool = True,
     batch_size: int | None = None,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> RestoreOutput:
     """Attribution-patching estimate of ``run_restore``'s effects for every (image, cell).
@@ -154,6 +168,7 @@ def estimate_restore(
         qk_fix: apply AtP*'s QK fix to sites feeding attention scores (``hook_resid_pre``,
             ``attn.hook_q``, ``attn.hook_k``); other sites are linear either way.
         batch_size: images per forward/backward pass; default from the engine's memory budget.
+        dtype: compute precision of the passes, as in ``run_restore`` (terms are float32).
         progress: show a progress bar over batches.
 
     Returns:
@@ -166,11 +181,11 @@ def estimate_restore(
     if not isinstance(qk_fix, bool):
         raise ValueError(f"qk_fix must be True or False, got {qk_fix!r}")
     if batch_size is None:
-        budget = DEFAULT_MEMORY_BUDGET_MB.get(model.device.type, DEFAULT_MEMORY_BUDGET_MB["cuda"])
-        batch_size = max(1, int(budget * 2**20 // (model.cfg.n_layers * _bytes_per_row(model))))
+        batch_size = images_per_pass(model, None)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     score_fn = resolve_score(score)
+    precision(model, dtype)  # rejects a bad dtype before any work
     n_images = clean.shape[0]
     if target is not None:  # checked once for all images, then sliced per batch
         target = resolve_target(target, clean.new_empty(n_images, 0), model.cfg.n_classes)
@@ -204,14 +219,15 @@ def estimate_restore(
     starts = range(0, n_images, batch_size)
     for start in tqdm(starts, desc="attribution", disable=not progress or len(starts) <= 1, leave=False):
         batch = slice(start, start + batch_size)
-        with torch.no_grad():
+        with torch.no_grad(), precision(model, dtype):
             clean_logits, clean_cache = cached_run(model, clean[batch], set(kinds) | qk_names)
         batch_target = resolve_target(None if target is None else target[batch], clean_logits, model.cfg.n_classes)
         targets.append(batch_target)
-        corrupted_logits, acts, grads = _gradient_run(
-            model, corrupted_images[batch], corrupted_hooks, set(kinds) | qk_names | pattern_names,
-            first_layer, lambda logits, t=batch_target: score_fn(logits, t).float().sum(),
-        )
+        with precision(model, dtype):
+            corrupted_logits, acts, grads = _gradient_run(
+                model, corrupted_images[batch], corrupted_hooks, set(kinds) | qk_names | pattern_names,
+                first_layer, lambda logits, t=batch_target: score_fn(logits, t).float().sum(),
+            )
         estimate[batch] = sum(
             _site_terms(name, kind, clean_cache, acts, grads).flatten(1) @ masks[name].T
             for name, kind in kinds.items()
@@ -279,3 +295,63 @@ def _site_terms(
     )
     linear = ((clean[name] - corrupted).float() * (grads[name] - through_qk).float()).sum(-1)
     return linear + terms.sum(-1)
+
+
+def restore_cells(
+    model: HookedViT,
+    clean: Float[Tensor, "image channel height width"],
+    corrupted: Corruption,
+    cells: Sequence[Sequence[Site]],
+    *,
+    method: str = "exact",
+    verify_top_k: int | None = None,
+    qk_fix: bool = True,
+    score="prob",
+    target: int | Tensor | None = None,
+    memory_budget_mb: float | None = None,
+    rows_per_pass: int | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> tuple[RestoreOutput, Bool[Tensor, "image cell"]]:
+    """Every cell's effect by ``method``, and which (image, cell) effects are exact.
+
+    Args:
+        method: "exact" (``run_restore``) or "attribution" (``estimate_restore``).
+        verify_top_k: with "attribution": rank each image's cells by their estimated effect
+            (largest first) and score the top k with the exact engine (``run_restore`` on those
+            (image, cell) pairs only), replacing their estimates.
+        qk_fix: AtP*'s QK fix for "attribution" (see the module docstring).
+        score, target, memory_budget_mb, rows_per_pass, dtype, progress: as in ``run_restore``
+            (``memory_budget_mb`` also sets the images per attribution pass).
+
+    Returns:
+        (output, exact): the RestoreOutput, and exact [image, cell] True where the effect is the
+        engine's (everywhere for "exact"; the verified cells for "attribution").
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if verify_top_k is not None and (
+        method != "attribution" or isinstance(verify_top_k, bool) or not isinstance(verify_top_k, int)
+        or verify_top_k < 1
+    ):
+        raise ValueError(
+            f"verify_top_k must be None or, with method='attribution', a positive int; got "
+            f"{verify_top_k!r} with method={method!r}"
+        )
+    engine = dict(metric=score, memory_budget_mb=memory_budget_mb, rows_per_pass=rows_per_pass, dtype=dtype,
+                  progress=progress)
+    if method == "exact":
+        output = run_restore(model, clean, corrupted, cells, target=target, **engine)
+        return output, torch.ones_like(output.restored_score, dtype=torch.bool)
+    output = estimate_restore(
+        model, clean, corrupted, cells, score=score, target=target, qk_fix=qk_fix,
+        batch_size=images_per_pass(model, memory_budget_mb), dtype=dtype, progress=progress,
+    )
+    exact = torch.zeros_like(output.restored_score, dtype=torch.bool)
+    if verify_top_k is None:
+        return output, exact
+    top = output.effects.topk(min(verify_top_k, exact.shape[1]), dim=1).indices
+    exact.scatter_(1, top, True)
+    verified = run_restore(model, clean, corrupted, cells, target=output.target, selected=exact, **engine)
+    restored = torch.where(exact, verified.restored_score, output.restored_score)
+    return RestoreOutput(restored, output.clean_score, output.corrupted_score, output.target), exact

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -97,6 +98,26 @@ def cached_run(
     return logits, cache
 
 
+LOW_PRECISION = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16, torch.float16)}
+
+
+def precision(model: HookedViT, dtype: torch.dtype | None) -> AbstractContextManager:
+    """The context a pass runs in for ``dtype``: None or the model's dtype -> as is; a lower
+    precision (``LOW_PRECISION`` per device type) -> ``torch.autocast``: matmuls and attention
+    in ``dtype``, while the residual stream (sums with float32 inputs), LayerNorm statistics,
+    softmax-based scores and the engine's score accumulation stay float32. Never a default:
+    on CPUs without native bf16 (no AVX512-BF16 / AMX) bf16 is slower than float32."""
+    if dtype is None or dtype == model.dtype:
+        return nullcontext()
+    allowed = LOW_PRECISION.get(model.device.type, ())
+    if dtype not in allowed or model.dtype != torch.float32:
+        raise ValueError(
+            f"dtype must be None, the model's dtype ({model.dtype}) or, for a float32 model on "
+            f"{model.device.type}, one of {[str(d) for d in allowed]}; got {dtype!r}"
+        )
+    return torch.autocast(model.device.type, dtype=dtype)
+
+
 def check_cells(model: HookedViT, cells: Sequence[Sequence[Site]]) -> list[Cell]:
     """``cells`` as a list of site tuples; ValueError unless every cell holds valid block sites."""
     cells = [tuple(cell) for cell in cells]
@@ -140,6 +161,8 @@ def run_restore(
     target: int | Tensor | None = None,
     memory_budget_mb: float | None = None,
     rows_per_pass: int | None = None,
+    selected: Bool[Tensor, "image cell"] | None = None,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> RestoreOutput:
     """Score every cell restored into the corrupted run of every image, in batched passes.
@@ -158,6 +181,10 @@ def run_restore(
             Default ``DEFAULT_MEMORY_BUDGET_MB`` for the model's device type: small on the CPU,
             where passes that stay in cache run fastest, large on accelerators.
         rows_per_pass: (image, cell) rows per batched pass, overriding ``memory_budget_mb``.
+        selected: [image, cell] bool: restore only these pairs (the others' restored_score is
+            NaN); default every pair.
+        dtype: compute precision, see :func:`precision`: None (the model's dtype),
+            ``torch.bfloat16`` (or ``torch.float16`` on CUDA) for lower-precision matmuls.
         progress: show a progress bar.
 
     Returns:
@@ -174,10 +201,18 @@ def run_restore(
         raise ValueError(f"rows_per_pass must be a positive int or None, got {rows_per_pass!r}")
     score_fn = resolve_score(metric)
     device = model.device
+    n_images = clean.shape[0]
+    if selected is not None and (
+        not isinstance(selected, Tensor) or selected.dtype != torch.bool
+        or tuple(selected.shape) != (n_images, len(cells))
+    ):
+        got = tuple(selected.shape) if isinstance(selected, Tensor) else type(selected).__name__
+        raise ValueError(f"selected must be a bool tensor [image, cell] = [{n_images}, {len(cells)}], got {got}")
+    autocast = precision(model, dtype)
 
     start_layers = [min(site.layer for site in cell) for cell in cells]
     restored_names = {site.hook_name for cell in cells for site in cell}
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         clean_logits, clean_cache = cached_run(model, clean, restored_names)
         target = resolve_target(target, clean_logits, model.cfg.n_classes)
         resid_names = {f"blocks.{layer}.hook_resid_pre" for layer in start_layers}
@@ -193,18 +228,20 @@ def run_restore(
             masks[site.hook_name] = _site_mask(site, model, masks.get(site.hook_name))
         cell_masks.append({name: mask.to(device) for name, mask in masks.items()})
 
-    n_images = clean.shape[0]
     rows_by_start: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    chosen = None if selected is None else selected.cpu()
     for cell_index, layer in enumerate(start_layers):
-        rows_by_start[layer].extend((image, cell_index) for image in range(n_images))
+        rows_by_start[layer].extend(
+            (image, cell_index) for image in range(n_images) if chosen is None or chosen[image, cell_index]
+        )
     chunk = rows_per_pass or max(1, int(memory_budget_mb * 2**20 // _bytes_per_row(model)))
     chunks = [
         (layer, rows[i : i + chunk]) for layer, rows in sorted(rows_by_start.items())
         for i in range(0, len(rows), chunk)
     ]
 
-    restored = torch.empty(n_images, len(cells), device=device)
-    with torch.no_grad():
+    restored = torch.full((n_images, len(cells)), torch.nan, device=device)
+    with torch.no_grad(), precision(model, dtype):
         for layer, rows in tqdm(chunks, desc="restoring", disable=not progress, leave=False):
             images = torch.tensor([image for image, _ in rows], device=device)
             cell_ids = [cell for _, cell in rows]

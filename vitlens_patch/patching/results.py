@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from safetensors import safe_open
 from safetensors.torch import save_file
 from scipy import stats
@@ -88,6 +88,8 @@ class TraceResult:
         grid_size: (grid_h, grid_w) patch grid, to draw position effects over the image.
         n_prefix_tokens: tokens before the patches (class token, registers); token ``t`` is patch
             ``t - n_prefix_tokens``.
+        exact: [image, *axes] bool, True where the effect is the exact engine's and False where it
+            is an attribution-patching estimate (``method="attribution"``); default all True.
     """
 
     effects: Float[Tensor, "image *axes"]
@@ -98,9 +100,17 @@ class TraceResult:
     coords: dict[str, list] = field(default_factory=dict)
     grid_size: tuple[int, int] | None = None
     n_prefix_tokens: int = 1
+    exact: Bool[Tensor, "image *axes"] | None = None
 
     def __post_init__(self) -> None:
         self.dims = tuple(self.dims)
+        if self.exact is None:
+            self.exact = torch.ones(self.effects.shape, dtype=torch.bool)
+        if self.exact.dtype != torch.bool or self.exact.shape != self.effects.shape:
+            raise ValueError(
+                f"exact must be a bool tensor of the effects' shape {tuple(self.effects.shape)}, got "
+                f"{self.exact.dtype} {tuple(self.exact.shape)}"
+            )
         if len(self.dims) != self.effects.ndim or not self.dims or self.dims[0] != "image":
             raise ValueError(
                 f"dims must name every axis of effects {tuple(self.effects.shape)}, starting with "
@@ -151,6 +161,7 @@ class TraceResult:
             clean_score=self.clean_score[index],
             corrupted_score=self.corrupted_score[index],
             coords=coords,
+            exact=self.exact[index],
         )
 
     def normalized(self, *, eps: float = 1e-6) -> "TraceResult":
@@ -230,7 +241,7 @@ class TraceResult:
             raise ValueError(message) from error
         tensors = {
             name: getattr(self, name).detach().cpu().contiguous()
-            for name in ("effects", "clean_score", "corrupted_score")
+            for name in ("effects", "clean_score", "corrupted_score", "exact")
         }
         save_file(tensors, str(path), metadata={_METADATA_KEY: text})
 
@@ -250,4 +261,5 @@ class TraceResult:
             coords=metadata["coords"],
             grid_size=metadata["grid_size"],
             n_prefix_tokens=metadata["n_prefix_tokens"],
+            exact=tensors.get("exact"),
         )

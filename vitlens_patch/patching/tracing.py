@@ -8,11 +8,13 @@ tokens (``trace_grid``).
 
 from __future__ import annotations
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from vitlens_patch.model import HookedViT
-from vitlens_patch.patching.engine import Corruption, run_restore
+from vitlens_patch.patching.attribution_patching import restore_cells
+from vitlens_patch.patching.engine import Corruption
 from vitlens_patch.patching.results import TraceResult
 from vitlens_patch.patching.sites import PositionSelector, Site, kind_hook, layer_window, resolve_positions
 
@@ -20,15 +22,19 @@ from vitlens_patch.patching.sites import PositionSelector, Site, kind_hook, laye
 def _run_trace(
     model: HookedViT, clean: Tensor, corrupted: Corruption, cells: list, *, shape: tuple[int, ...],
     dims: tuple[str, ...], coords: dict[str, list], settings: dict, metric, target, memory_budget_mb, progress,
+    method: str, verify_top_k: int | None, dtype: torch.dtype | None,
 ) -> TraceResult:
-    """One engine call over ``cells``; effects reshaped to [image, *shape] in a TraceResult."""
-    output = run_restore(
-        model, clean, corrupted, cells, metric=metric, target=target,
-        memory_budget_mb=memory_budget_mb, progress=progress,
+    """One engine (or attribution) call over ``cells``; effects reshaped to [image, *shape]."""
+    output, exact = restore_cells(
+        model, clean, corrupted, cells, method=method, verify_top_k=verify_top_k, score=metric, target=target,
+        memory_budget_mb=memory_budget_mb, dtype=dtype, progress=progress,
     )
     settings = settings | {
         "metric": metric if isinstance(metric, (str, tuple)) else repr(metric),
         "target": output.target.tolist(),
+        "method": method,
+        "verify_top_k": verify_top_k,
+        "dtype": None if dtype is None else str(dtype),
     }
     return TraceResult(
         effects=output.effects.reshape(output.effects.shape[0], *shape).cpu(),
@@ -39,6 +45,7 @@ def _run_trace(
         coords=coords,
         grid_size=model.cfg.grid_size,
         n_prefix_tokens=model.cfg.n_prefix_tokens,
+        exact=exact.reshape(exact.shape[0], *shape).cpu(),
     )
 
 
@@ -53,6 +60,9 @@ def trace_layers(
     metric="prob",
     target: int | Tensor | None = None,
     memory_budget_mb: float | None = None,
+    method: str = "exact",
+    verify_top_k: int | None = None,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> TraceResult:
     """Indirect effect of restoring a window of sub-layer outputs around each layer.
@@ -67,6 +77,12 @@ def trace_layers(
         window: layers restored per centre layer (3 = l-1, l, l+1).
         positions: "all" (default), "cls", "patches", token indices or a patch-grid bool mask.
         metric, target, memory_budget_mb, progress: passed to the engine.
+        method: "exact" (the engine) or "attribution" (the first-order estimate of
+            :mod:`~vitlens_patch.patching.attribution_patching`, with AtP*'s QK fix where it
+            applies: ``kind="resid_pre"``).
+        verify_top_k: with "attribution", score each image's k largest estimates exactly;
+            ``result.exact`` marks them.
+        dtype: compute precision (None, or ``torch.bfloat16``), see ``engine.precision``.
 
     Returns:
         TraceResult with effects [image, layer].
@@ -82,6 +98,7 @@ def trace_layers(
         coords={"layer": list(range(n_layers))},
         settings=dict(function="trace_layers", kind=kind, hook=hook, window=window, positions=list(tokens)),
         metric=metric, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
+        method=method, verify_top_k=verify_top_k, dtype=dtype,
     )
 
 
@@ -96,13 +113,17 @@ def trace_grid(
     metric="prob",
     target: int | Tensor | None = None,
     memory_budget_mb: float | None = None,
+    method: str = "exact",
+    verify_top_k: int | None = None,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> TraceResult:
     """ROME's heatmap: restore one token's sub-layer output over a window around each layer.
 
     One cell per (centre layer l, token t): ``blocks.{j}.<kind hook>`` at token t for every j in
     the window around l (same rule as :func:`trace_layers`). Token indices include the prefix
-    tokens (0 is the class token).
+    tokens (0 is the class token). ``method``, ``verify_top_k``, ``dtype`` and the other options
+    as in :func:`trace_layers`.
 
     Returns:
         TraceResult with effects [image, layer, position] and ``coords["position"]`` the token
@@ -120,6 +141,7 @@ def trace_grid(
         coords={"layer": list(range(n_layers)), "position": list(tokens)},
         settings=dict(function="trace_grid", kind=kind, hook=hook, window=window, positions=list(tokens)),
         metric=metric, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
+        method=method, verify_top_k=verify_top_k, dtype=dtype,
     )
 
 
@@ -133,12 +155,16 @@ def trace_heads(
     metric="prob",
     target: int | Tensor | None = None,
     memory_budget_mb: float | None = None,
+    method: str = "exact",
+    verify_top_k: int | None = None,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> TraceResult:
     """Restore one attention head's output (``attn.hook_z``) over a window around each layer.
 
     One cell per (centre layer l, head h): ``blocks.{j}.attn.hook_z`` of head h at ``positions``
-    for every j in the window around l.
+    for every j in the window around l. Options as in :func:`trace_layers` (no QK fix applies
+    to ``hook_z``: its attribution estimate is linear).
 
     Returns:
         TraceResult with effects [image, layer, head].
@@ -155,4 +181,5 @@ def trace_heads(
         coords={"layer": list(range(cfg.n_layers)), "head": list(range(cfg.n_heads))},
         settings=dict(function="trace_heads", hook="attn.hook_z", window=window, positions=list(tokens)),
         metric=metric, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
+        method=method, verify_top_k=verify_top_k, dtype=dtype,
     )

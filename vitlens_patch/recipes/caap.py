@@ -26,7 +26,7 @@ from vitlens_patch.attribution.registry import register_attributor
 from vitlens_patch.metrics import deletion_auc, insertion_auc
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_blur
-from vitlens_patch.patching.engine import run_restore
+from vitlens_patch.patching.attribution_patching import METHODS, restore_cells
 from vitlens_patch.patching.scores import resolve_target
 from vitlens_patch.patching.sites import Site
 
@@ -81,8 +81,12 @@ def caap(
     score="logit",
     batch_size: int | None = None,
     upsample: Literal[False, "bilinear", "bicubic"] = False,
+    method: str = "exact",
+    verify_top_k: int | None = None,
+    dtype: torch.dtype | None = None,
+    return_exact: bool = False,
     progress: bool = True,
-) -> Float[Tensor, "batch grid_h grid_w"]:
+) -> Float[Tensor, "batch grid_h grid_w"] | tuple[Tensor, Tensor]:
     """CAAP attribution maps.
 
     Definition: ``layers`` = (start, stop) is a half-open block range (default the middle half,
@@ -92,6 +96,22 @@ def caap(
     stream entering block l (``blocks.{l}.hook_resid_pre``) at patch i's token with the source
     run's value there, and runs to the logits. Attribution of patch i = score(row i) -
     score(context run).
+
+    ``method="attribution"`` estimates every patch's insertion effect from one source forward
+    pass and one context forward + backward pass per batch of images
+    (:func:`~vitlens_patch.patching.attribution_patching.estimate_restore`). Derivation: write
+    the score of the context run as ``f(a_start[t], ..., a_(stop-1)[t])``, a function of token
+    t's residual stream entering each block of the range, and let ``d_l = a_source,l[t] -
+    a_context,l[t]``. To first order, setting one of them alone changes the score by
+    ``d_l . g_l`` with ``g_l = d f / d a_l[t]`` on the context run (one backward pass gives every
+    l and t); the estimate of inserting all of them is the sum over the range,
+    ``sum_l d_l . g_l``, with AtP*'s QK fix on each term (the query and key of token t in block l
+    are the source run's, so that block's softmax is recomputed exactly). The sum is not the
+    joint first-order effect: inserting ``a_l[t]`` also moves ``a_(l+1)[t]``, which the next
+    insertion overwrites, so the terms double-count token t's own residual path (by up to the
+    range's length); the exact joint derivative needs a backward pass per patch. Maps are
+    therefore compared per image by rank and correlation (``benchmarks/fast_patching.py``
+    measures the agreement), and ``verify_top_k=k`` rescores each image's k best patches exactly.
 
     Args:
         model: the HookedViT.
@@ -103,10 +123,17 @@ def caap(
             (logits, target) -> [batch].
         batch_size: rows (image, patch) per batched pass; default from the engine's memory budget.
         upsample: False for [batch, grid_h, grid_w]; "bilinear" / "bicubic" for [batch, H, W].
+        method: "exact" (the engine) or "attribution" (the estimate above).
+        verify_top_k: with "attribution", score each image's k largest estimates exactly.
+        dtype: compute precision: None (the model's) or ``torch.bfloat16`` (``torch.float16`` on
+            CUDA), see ``engine.precision``; never a default (slower on CPUs without native bf16).
+        return_exact: also return ``exact`` [batch, grid_h, grid_w], True where the map holds the
+            engine's value (everywhere for "exact", the verified patches for "attribution").
         progress: progress bar.
 
     Returns:
-        maps [batch, grid_h, grid_w] (or [batch, height, width] when upsampled).
+        maps [batch, grid_h, grid_w] (or [batch, height, width] when upsampled); with
+        ``return_exact``, (maps, exact).
     """
     cfg = model.cfg
     start, stop = _check_layers(layers, cfg.n_layers)
@@ -117,13 +144,15 @@ def caap(
         tuple(Site(f"blocks.{layer}.hook_resid_pre", (cfg.n_prefix_tokens + patch,)) for layer in range(start, stop))
         for patch in range(cfg.n_patches)
     ]
-    output = run_restore(
-        model, images, context_images(model, images, context), cells,
-        metric=score, target=target, rows_per_pass=batch_size, progress=progress,
+    output, exact = restore_cells(
+        model, images, context_images(model, images, context), cells, method=method, verify_top_k=verify_top_k,
+        score=score, target=target, rows_per_pass=batch_size, dtype=dtype, progress=progress,
     )
     maps = rearrange(output.effects, "batch (grid_h grid_w) -> batch grid_h grid_w", grid_h=cfg.grid_size[0])
     if upsample:
         maps = F.interpolate(maps[:, None], size=cfg.img_size, mode=upsample, align_corners=False)[:, 0]
+    if return_exact:
+        return maps, rearrange(exact, "batch (grid_h grid_w) -> batch grid_h grid_w", grid_h=cfg.grid_size[0])
     return maps
 
 
@@ -237,20 +266,31 @@ class CAAP(Attributor):
 
     Args:
         model: the HookedViT.
-        layers, context: see :func:`caap`.
+        layers, context, method, verify_top_k, dtype: see :func:`caap`.
         score, upsample, batch_size, progress: as for every ``Attributor``; ``batch_size`` counts
             (image, patch) rows per batched pass.
     """
 
-    def __init__(self, model: HookedViT, *, layers: tuple[int, int] | None = None, context="blur", **options):
+    def __init__(
+        self, model: HookedViT, *, layers: tuple[int, int] | None = None, context="blur", method: str = "exact",
+        verify_top_k: int | None = None, dtype: torch.dtype | None = None, **options,
+    ):
         super().__init__(model, **options)
         self.layers = _check_layers(layers, model.cfg.n_layers)
         self.context = context
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method, self.verify_top_k, self.dtype = method, verify_top_k, dtype
+
+    @property
+    def requires_gradients(self) -> bool:
+        return self.method == "attribution"
 
     def _attribute(self, images: Tensor, target: Tensor | None) -> Tensor:
         return caap(
             self.model, images, target=target, layers=self.layers, context=self.context,
-            score=self.score, batch_size=self.batch_size, progress=self.progress,
+            score=self.score, batch_size=self.batch_size, method=self.method, verify_top_k=self.verify_top_k,
+            dtype=self.dtype, progress=self.progress,
         )
 
 
