@@ -193,19 +193,18 @@ def estimate_restore(
     # Which term each hook contributes: hook name -> QK patch kind or None (linear).
     kinds: dict[str, str | None] = {site.hook_name: _qk_kind(site, qk_fix) for cell in cells for site in cell}
     # One float mask per hook: [cell, entry] with entry = pos or (pos head), flattened.
+    cell_masks: list[dict[str, Tensor]] = []
+    for cell in cells:
+        per_hook: dict[str, Tensor] = {}
+        for site in cell:
+            per_hook[site.hook_name] = _site_mask(site, model, per_hook.get(site.hook_name))
+        cell_masks.append(per_hook)
     masks: dict[str, Tensor] = {}
     for name in kinds:
-        per_cell = []
-        for cell in cells:
-            mask = None
-            for site in cell:
-                if site.hook_name == name:
-                    mask = _site_mask(site, model, mask)
-            per_cell.append(mask)
-        some = next(mask for mask in per_cell if mask is not None)
-        masks[name] = torch.stack(
-            [(torch.zeros_like(some) if mask is None else mask).flatten() for mask in per_cell]
-        ).to(model.device, torch.float32)
+        empty = torch.zeros_like(next(per_hook[name] for per_hook in cell_masks if name in per_hook))
+        masks[name] = torch.stack([per_hook.get(name, empty) for per_hook in cell_masks]).flatten(1).to(
+            model.device, torch.float32
+        )
 
     qk_layers = sorted({int(BLOCK_HOOK.match(name).group(1)) for name, kind in kinds.items() if kind})
     qk_names = {f"blocks.{layer}.attn.hook_{part}" for layer in qk_layers for part in ("q", "k")}

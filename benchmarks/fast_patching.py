@@ -1,0 +1,255 @@
+"""Attribution patching (AtP with AtP*'s QK fix) and bf16 vs the exact float32 engine.
+
+    nice -n 5 python benchmarks/fast_patching.py [--images 100] [--grid-images 100]
+        [--bf16-images 5] [--bf16-grid-images 1] [--vit-s-cell-fraction 0.1] [--threads 1]
+        [--corruption blur] [--skip-embedded] [--skip-vit-s]
+
+Prints, in one run:
+
+1. the CPU's capability (``torch.backends.cpu.get_cpu_capability()``, AVX512-BF16 / AMX flags);
+2. speed, attribution vs exact, on the embedded CIFAR-10 model (``--images`` test images) and on
+   a random-weight ViT-S/16 at 224 px (1 image): the full 12 x pos ``trace_grid``
+   (``hook_resid_pre``, window 1), ``trace_layers`` (attn and mlp, windows 1 and 3),
+   ``trace_heads`` and CAAP over all patches; bf16 vs float32 for the exact engine and CAAP.
+   On ViT-S the exact grid and exact CAAP run on an evenly spaced ``--vit-s-cell-fraction`` of
+   the tokens (patches) and their time is scaled to all of them (labelled "scaled");
+3. agreement of attribution with exact on the embedded model over the ``--images`` test images
+   (the trace_grid, whose exact run is the slowest, over the first ``--grid-images``):
+   Pearson and Spearman correlation per image (mean and 95% CI), recall of the exact top-10 cells
+   in the estimate's top 10, per site family (resid = trace_grid, attn / mlp = trace_layers,
+   heads = trace_heads, patches = CAAP), and the recall of ``verify_top_k=50`` (exact top-10 cells
+   among the verified ones, and in the verified result's top 10);
+4. the same for bf16 vs float32 (exact engine; ``--bf16-grid-images`` for the grid,
+   ``--bf16-images`` for CAAP: emulated bf16 is several times slower), plus the largest
+   |difference| relative to the image's clean - corrupted gap.
+
+Torch runs on ``--threads`` threads (default 1: the machine is shared, and oversubscribed threads
+slow small passes most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import vit_small  # noqa: E402
+
+import vitlens_patch  # noqa: E402
+from vitlens_patch.model import HookedViT  # noqa: E402
+from vitlens_patch.patching import trace_grid, trace_heads, trace_layers  # noqa: E402
+from vitlens_patch.patching.engine import run_restore  # noqa: E402
+from vitlens_patch.patching.sites import Site  # noqa: E402
+from vitlens_patch.recipes.caap import caap, context_images, default_layers  # noqa: E402
+
+TOP = 10
+VERIFY = 50
+
+
+def capability() -> tuple[str, list[str]]:
+    """Torch's CPU capability and the CPU's native-bf16 flags (empty when it has none)."""
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags |= set(line.split(":", 1)[1].split())
+    return torch.backends.cpu.get_cpu_capability(), sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def mean_ci(values: np.ndarray) -> str:
+    values = values[~np.isnan(values)]
+    if len(values) < 2:
+        return f"{values.mean():.3f} (1 image)" if len(values) else "n/a"
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return f"{values.mean():.3f} [{values.mean() - half:.3f}, {values.mean() + half:.3f}]"
+
+
+def top(values: torch.Tensor, k: int) -> set[int]:
+    return set(values.topk(min(k, len(values))).indices.tolist())
+
+
+def agreement(exact: torch.Tensor, other: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per image ([image, cell] inputs): Pearson, Spearman, recall of the exact top 10 in other's."""
+    rows = {"pearson": [], "spearman": [], "recall": [], "verify": []}
+    for reference, estimate in zip(exact.flatten(1), other.flatten(1)):
+        rows["pearson"].append(stats.pearsonr(reference, estimate)[0] if reference.std() > 0 else np.nan)
+        rows["spearman"].append(stats.spearmanr(reference, estimate)[0] if reference.std() > 0 else np.nan)
+        truth = top(reference, TOP)
+        rows["recall"].append(len(truth & top(estimate, TOP)) / len(truth))
+    return {name: np.array(values, dtype=float) for name, values in rows.items() if values}
+
+
+def verify_recall(exact: torch.Tensor, verified: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: exact top 10 among the verified cells; exact top 10 in the verified result's top 10."""
+    among, final = [], []
+    for reference, values, exact_cells in zip(exact.flatten(1), verified.flatten(1), mask.flatten(1)):
+        truth = top(reference, TOP)
+        among.append(len(truth & set(exact_cells.nonzero().flatten().tolist())) / len(truth))
+        final.append(len(truth & top(values, TOP)) / len(truth))
+    return np.array(among), np.array(final)
+
+
+def sweeps(model: HookedViT, images: torch.Tensor, corruption: str, grid_positions=None) -> dict:
+    """name -> callable(method, **options) -> (effects [image, cells...], clean - corrupted gap)."""
+    def trace(function, **fixed):
+        def run(method, **options):
+            result = function(model, images, corruption, method=method, progress=False, **fixed, **options)
+            return result.effects, (result.clean_score - result.corrupted_score), result.exact
+        return run
+
+    def caap_run(method, **options):
+        maps, exact = caap(model, images, method=method, return_exact=True, progress=False, **options)
+        with torch.no_grad():
+            source, context = model(images), model(context_images(model, images, "blur"))
+        target = source.argmax(-1, keepdim=True)
+        return maps, (source.gather(1, target) - context.gather(1, target))[:, 0], exact
+
+    return {
+        "trace_grid resid_pre": trace(trace_grid, kind="resid_pre", window=1, positions=grid_positions),
+        "trace_layers attn w1": trace(trace_layers, kind="attn", window=1),
+        "trace_layers attn w3": trace(trace_layers, kind="attn", window=3),
+        "trace_layers mlp w1": trace(trace_layers, kind="mlp", window=1),
+        "trace_layers mlp w3": trace(trace_layers, kind="mlp", window=3),
+        "trace_heads": trace(trace_heads, window=1),
+        "caap patches": caap_run,
+    }
+
+
+FAMILY = {
+    "trace_grid resid_pre": "resid", "trace_layers attn w1": "attn", "trace_layers attn w3": "attn",
+    "trace_layers mlp w1": "mlp", "trace_layers mlp w3": "mlp", "trace_heads": "heads", "caap patches": "patches",
+}
+
+
+def embedded_section(args) -> None:
+    model = vitlens_patch.cifar10_vit()
+    images = model.preprocess(vitlens_patch.pretrained.sample_images().images[: args.images])
+    print(f"\n## Embedded CIFAR-10 ViT ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
+          f"{model.cfg.n_pos} tokens), {len(images)} test images, corruption {args.corruption!r}")
+    runs = sweeps(model, images, args.corruption)
+    runs["trace_grid resid_pre"] = sweeps(model, images[: args.grid_images], args.corruption)["trace_grid resid_pre"]
+    runs["trace_layers attn w1"]("attribution")  # warm-up
+    speed, quality, verify = [], [], []
+    for name, run in runs.items():
+        (exact, gap, _), exact_s = timed(lambda: run("exact"))
+        (estimate, _, _), attribution_s = timed(lambda: run("attribution"))
+        speed.append((name, exact_s, attribution_s))
+        quality.append((name, agreement(exact, estimate)))
+        if name in ("trace_grid resid_pre", "caap patches"):
+            (verified, _, mask), verify_s = timed(lambda: run("attribution", verify_top_k=VERIFY))
+            verify.append((name, *verify_recall(exact, verified, mask), verify_s))
+    print("\nspeed (seconds for all images; ratio = exact / attribution)")
+    print(f"{'sweep':24} {'exact':>9} {'attribution':>12} {'ratio':>8}")
+    for name, exact_s, attribution_s in speed:
+        print(f"{name:24} {exact_s:9.2f} {attribution_s:12.3f} {exact_s / attribution_s:7.1f}x")
+    print("targets: trace_grid ratio >= 100x; caap ratio >= 20x")
+    print(f"\nagreement attribution vs exact, per image: mean [95% CI]; recall = exact top-{TOP} in estimate's top {TOP}")
+    print(f"{'sweep':24} {'family':8} {'Pearson':>22} {'Spearman':>22} {'recall@10':>10}")
+    for name, rows in quality:
+        print(f"{name:24} {FAMILY[name]:8} {mean_ci(rows['pearson']):>22} {mean_ci(rows['spearman']):>22} "
+              f"{np.nanmean(rows['recall']):10.2f}")
+    print(f"\nverify_top_k={VERIFY}: exact top-{TOP} among the verified cells / in the verified result's top {TOP} "
+          f"(target >= 0.95)")
+    for name, among, final, seconds in verify:
+        print(f"{name:24} {among.mean():.3f} / {final.mean():.3f}   ({seconds:.2f} s)")
+
+    print(f"\nbf16 vs float32, exact engine (trace_grid on the first {args.bf16_grid_images} images, CAAP on "
+          f"the first {args.bf16_images})")
+    print(f"{'sweep':24} {'fp32 s':>8} {'bf16 s':>8} {'bf16/fp32':>9} {'Spearman':>22} {'recall@10':>9} {'max|diff|/gap':>13}")
+    subsets = {"trace_grid resid_pre": images[: args.bf16_grid_images], "caap patches": images[: args.bf16_images]}
+    for name, subset in subsets.items():
+        run = sweeps(model, subset, args.corruption)[name]
+        (full, gap, _), full_s = timed(lambda: run("exact"))
+        (low, _, _), low_s = timed(lambda: run("exact", dtype=torch.bfloat16))
+        rows = agreement(full, low)
+        relative = ((full - low).flatten(1).abs().amax(1) / gap.abs()).max().item()
+        print(f"{name:24} {full_s:8.2f} {low_s:8.2f} {low_s / full_s:8.2f}x {mean_ci(rows['spearman']):>22} "
+              f"{np.nanmean(rows['recall']):9.2f} {relative:13.4f}")
+    print("target: Spearman >= 0.99 everywhere")
+
+
+def vit_s_section(args) -> None:
+    model = HookedViT.from_timm(vit_small())
+    cfg = model.cfg
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    step = max(1, round(1 / args.vit_s_cell_fraction))
+    tokens = list(range(0, cfg.n_pos, step))
+    print(f"\n## ViT-S/16 (random weights), 1 image 224x224, {cfg.n_layers} x {cfg.n_pos} grid; exact grid and "
+          f"exact CAAP on every {step}th token / patch ({len(tokens)} of {cfg.n_pos}), time scaled to all")
+    runs = sweeps(model, images, "pixel_noise")
+    sampled = sweeps(model, images, "pixel_noise", grid_positions=tokens)["trace_grid resid_pre"]
+    runs["trace_layers attn w1"]("attribution")  # warm-up
+    print(f"{'sweep':24} {'exact s':>12} {'attribution s':>14} {'ratio':>8}")
+    for name, run in runs.items():
+        _, attribution_s = timed(lambda: run("attribution"))
+        if name == "trace_grid resid_pre":
+            _, exact_s = timed(lambda: sampled("exact"))
+            exact_s, label = exact_s * cfg.n_pos / len(tokens), " (scaled)"
+        elif name == "caap patches":
+            patches = tokens[:-1] if tokens[-1] >= cfg.n_patches else tokens
+            _, exact_s = timed(lambda: caap_subset(model, images, patches))
+            exact_s, label = exact_s * cfg.n_patches / len(patches), " (scaled)"
+        else:
+            _, exact_s = timed(lambda: run("exact"))
+            label = ""
+        print(f"{name:24} {exact_s:12.2f} {attribution_s:14.3f} {exact_s / attribution_s:7.1f}x{label}")
+    print("\nbf16 vs float32, exact engine on ViT-S/16 (trace_layers attn w1)")
+    for name, run in (("trace_layers attn w1", runs["trace_layers attn w1"]),):
+        (full, _, _), full_s = timed(lambda: run("exact"))
+        (low, _, _), low_s = timed(lambda: run("exact", dtype=torch.bfloat16))
+        rho = stats.spearmanr(full.flatten(), low.flatten())[0]
+        print(f"{name:24} fp32 {full_s:7.2f} s  bf16 {low_s:7.2f} s  bf16/fp32 time {low_s / full_s:5.2f}x  "
+              f"Spearman {rho:.4f}")
+    print("target on CPUs with native bf16 (AVX512-BF16 / AMX): bf16 >= 1.5x faster (time ratio <= 0.67)")
+
+
+def caap_subset(model: HookedViT, images: torch.Tensor, patches: list[int]) -> torch.Tensor:
+    """Exact CAAP on some patches only: the engine with those patches' cells (the default layers)."""
+    start, stop = default_layers(model.cfg.n_layers)
+    cells = [
+        [Site(f"blocks.{layer}.hook_resid_pre", (model.cfg.n_prefix_tokens + patch,)) for layer in range(start, stop)]
+        for patch in patches
+    ]
+    return run_restore(model, images, context_images(model, images, "blur"), cells, metric="logit",
+                       progress=False).effects
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100, help="embedded-model test images (at most 100)")
+    parser.add_argument("--grid-images", type=int, default=100, help="images for the exact trace_grid")
+    parser.add_argument("--bf16-images", type=int, default=5)
+    parser.add_argument("--bf16-grid-images", type=int, default=1)
+    parser.add_argument("--vit-s-cell-fraction", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--corruption", default="blur")
+    parser.add_argument("--skip-embedded", action="store_true")
+    parser.add_argument("--skip-vit-s", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cap, flags = capability()
+    print(f"CPU capability {cap}; native bf16 flags: {', '.join(flags) or 'none'} "
+          f"({'native bf16' if flags else 'no native bf16: bf16 is emulated and slower, never a default'}); "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if not args.skip_embedded:
+        embedded_section(args)
+    if not args.skip_vit_s:
+        vit_s_section(args)
+
+
+if __name__ == "__main__":
+    main()
