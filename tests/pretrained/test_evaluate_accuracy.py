@@ -52,12 +52,18 @@ def test_command_prints_records_and_writes_the_three_accuracies(capsys, tmp_path
     assert metadata_file().read_text() == embedded  # only the given weights' JSON changes
 
 
+def test_command_evaluates_n_images_per_class(capsys):
+    main(["--data", str(SAMPLE_DIR), "--n", "20", "--no-progress"])
+    assert all("(20 images" in line for line in capsys.readouterr().out.splitlines()[:3])
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--data", "no/such/folder"], "path must be an image folder or a .tar.gz archive"),
         (["--data", str(SAMPLE_DIR), "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         ([], "the following arguments are required: --data"),
+        (["--data", str(SAMPLE_DIR), "--n", "15"], "--n must be a positive multiple of the number of classes (10), got 15"),
     ],
 )
 def test_command_rejects_bad_arguments(argv, message, capsys):

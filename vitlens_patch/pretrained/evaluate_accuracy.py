@@ -24,6 +24,7 @@ from vitlens_patch.data.cifar10 import LabelledImages, canvas_test_set, load_ima
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_grayscale
 from vitlens_patch.pretrained import PRETRAINED_MODELS, load_metadata, metadata_file
+from vitlens_patch.studies.runner import select_per_class
 
 INPUT_KINDS = ("full_frame", "canvas", "grayscale")
 
@@ -89,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         help="a .safetensors file (with its .json beside it) or a folder holding the model's default file "
         "(cifar10_vit.safetensors, dinov2_small_cifar10.safetensors); default the weights shipped in the package",
     )
-    parser.add_argument("--seed", type=int, default=0, help="canvas seed (default 0)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="evaluate this many images, the same number per class (default all)")
+    parser.add_argument("--seed", type=int, default=0, help="canvas seed and seed of the --n choice (default 0)")
     parser.add_argument("--batch-size", type=int, default=250, help="images per forward pass (default 250)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--json", default=None, help="also write the accuracies to this JSON file")
@@ -110,6 +113,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     if data.class_names != model.class_names:
         parser.error(f"--data must hold the classes {model.class_names}, got {data.class_names}")
+    if args.n is not None:
+        n_classes = len(data.class_names)
+        if args.n < n_classes or args.n % n_classes:
+            parser.error(f"--n must be a positive multiple of the number of classes ({n_classes}), got {args.n}")
+        try:
+            data = data.subset(select_per_class(data.labels, args.n // n_classes, seed=args.seed))
+        except ValueError as error:
+            parser.error(f"--n: {error}")
     accuracy = evaluate_accuracy(
         model, data, canvas_size=metadata["canvas_size"], seed=args.seed, batch_size=args.batch_size,
         progress=not args.no_progress,
