@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_patches
-from vitlens_patch.patching.scores import resolve_score
+from vitlens_patch.patching.scores import needs_clean_output, resolve_score
 
 UPSAMPLE_MODES = ("bilinear", "bicubic")
 
@@ -70,6 +70,12 @@ class Attributor:
         self.model = model
         self.score = score
         self.score_fn = resolve_score(score)
+        if needs_clean_output(self.score_fn) or not model.cfg.n_classes:
+            raise ValueError(
+                f"attribution methods explain a class score (got score={score!r}, model n_classes="
+                f"{model.cfg.n_classes}); score='cosine' works with run_restore and trace_*; for a "
+                f"backbone without a classifier attach one with model.with_head(head)"
+            )
         self.upsample = upsample or False
         self.batch_size = batch_size
         self.progress = progress

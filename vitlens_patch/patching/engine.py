@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt
-from vitlens_patch.patching.scores import resolve_score, resolve_target
+from vitlens_patch.patching.scores import needs_clean_output, resolve_score, resolve_target
 from vitlens_patch.patching.sites import BLOCK_HOOK, HEAD_HOOKS, Cell, Site, check_site
 
 FwdHook = tuple[str, Callable]
@@ -174,7 +174,8 @@ def run_restore(
             ``clean -> corrupted``, or an object with a forward ``hook`` (embedding noise).
         cells: each a sequence of :class:`Site` restored together; all sites must be block
             hooks (``blocks.{l}.*``).
-        metric: "prob" (default), "logit", "logprob", ("logit_diff", other_class) or a callable
+        metric: "prob" (default), "logit", "logprob", ("logit_diff", other_class), "cosine" (to the
+            clean output of the same image: models without a classifier) or a callable
             (logits, target) -> [batch]; see :func:`~vitlens_patch.patching.scores.resolve_score`.
         target: class per image; default the clean run's prediction.
         memory_budget_mb: activation memory allowed per batched pass; sets the rows per pass.
@@ -200,6 +201,11 @@ def run_restore(
     if rows_per_pass is not None and (not isinstance(rows_per_pass, int) or rows_per_pass < 1):
         raise ValueError(f"rows_per_pass must be a positive int or None, got {rows_per_pass!r}")
     score_fn = resolve_score(metric)
+    if not model.cfg.n_classes and not needs_clean_output(score_fn):
+        raise ValueError(
+            f"metric {metric!r} needs class logits but the model has no classifier (n_classes=0): use "
+            f"metric='cosine' or attach a head with model.with_head(head)"
+        )
     device = model.device
     n_images = clean.shape[0]
     if selected is not None and (
@@ -217,8 +223,13 @@ def run_restore(
         target = resolve_target(target, clean_logits, model.cfg.n_classes)
         resid_names = {f"blocks.{layer}.hook_resid_pre" for layer in start_layers}
         corrupted_logits, corrupted_cache = cached_run(model, corrupted_images, resid_names, corrupted_hooks)
-    clean_score = score_fn(clean_logits, target).float()
-    corrupted_score = score_fn(corrupted_logits, target).float()
+    def score(output: Tensor, images: Tensor | slice) -> Tensor:
+        if needs_clean_output(score_fn):
+            return score_fn(output, target[images], clean_logits[images]).float()
+        return score_fn(output, target[images]).float()
+
+    clean_score = score(clean_logits, slice(None))
+    corrupted_score = score(corrupted_logits, slice(None))
 
     # One mask per (cell, hook name): where that cell restores clean values at that hook.
     cell_masks: list[dict[str, Tensor]] = []
@@ -248,7 +259,7 @@ def run_restore(
             hooks = _restore_hooks(clean_cache, cell_masks, images, cell_ids)
             resid = corrupted_cache[f"blocks.{layer}.hook_resid_pre"][images]
             logits = model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=hooks)
-            restored[images, torch.tensor(cell_ids, device=device)] = score_fn(logits, target[images]).float()
+            restored[images, torch.tensor(cell_ids, device=device)] = score(logits, images)
     return RestoreOutput(restored, clean_score, corrupted_score, target)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 ScoreFn = Callable[[Float[Tensor, "batch n_classes"], Int[Tensor, " batch"]], Float[Tensor, " batch"]]
-SCORES = ("prob", "logit", "logprob", "logit_diff")
+SCORES = ("prob", "logit", "logprob", "logit_diff", "cosine")
 
 
 def _gather(values: Tensor, target: Tensor) -> Tensor:
@@ -24,13 +25,32 @@ def _logit_diff(other: int | Tensor) -> ScoreFn:
     return score
 
 
+def cosine_to_clean(output: Tensor, target: Tensor, clean_output: Tensor) -> Float[Tensor, " batch"]:
+    """Cosine similarity of each row's output to the clean run's output of the same image.
+
+    ``output`` and ``clean_output`` are [batch, ...] (logits, pooled features or tokens, flattened
+    per image); ``target`` is ignored. A run that recovers the clean output scores 1.
+    """
+    return F.cosine_similarity(output.float().flatten(1), clean_output.float().flatten(1), dim=1)
+
+
+cosine_to_clean.needs_clean_output = True
+
+
+def needs_clean_output(score_fn: ScoreFn) -> bool:
+    """Whether ``score_fn`` is called as (output, target, clean_output) ("cosine")."""
+    return getattr(score_fn, "needs_clean_output", False)
+
+
 def resolve_score(score: str | tuple | ScoreFn) -> ScoreFn:
     """``score`` -> a function (logits [batch, n_classes], target [batch]) -> [batch].
 
     Args:
         score: "prob" (softmax probability of the target), "logit", "logprob",
             ("logit_diff", other_class) (target logit minus the other class's logit; ``other_class``
-            an int or a LongTensor broadcastable to [batch]), or a callable of (logits, target).
+            an int or a LongTensor broadcastable to [batch]), "cosine" (``cosine_to_clean``: the
+            output's cosine similarity to the clean run's output of the same image, for models
+            without a classifier; no target), or a callable of (logits, target).
     """
     if callable(score):
         return score
@@ -40,17 +60,30 @@ def resolve_score(score: str | tuple | ScoreFn) -> ScoreFn:
         return lambda logits, target: _gather(logits.float().softmax(-1), target)
     if score == "logit":
         return lambda logits, target: _gather(logits.float(), target)
+    if score == "cosine":
+        return cosine_to_clean
     if score == "logprob":
         return lambda logits, target: _gather(logits.float().log_softmax(-1), target)
     raise ValueError(
-        f"metric must be 'prob', 'logit', 'logprob', ('logit_diff', other_class) or a callable "
+        f"metric must be 'prob', 'logit', 'logprob', ('logit_diff', other_class), 'cosine' or a callable "
         f"(logits, target) -> [batch], got {score!r}"
     )
 
 
 def resolve_target(target: int | Tensor | None, clean_logits: Tensor, n_classes: int) -> Tensor:
-    """Target class per image: None -> the clean run's prediction; an int or a [batch] tensor."""
+    """Target class per image: None -> the clean run's prediction; an int or a [batch] tensor.
+
+    A model without a classifier (``n_classes == 0``) has no classes: ``target`` must be None and
+    every image gets -1 (no class).
+    """
     batch = clean_logits.shape[0]
+    if n_classes == 0:
+        if target is not None:
+            raise ValueError(
+                f"target must be None for a model without a classifier (n_classes=0), got {target!r}; "
+                f"attach one with model.with_head(head)"
+            )
+        return torch.full((batch,), -1, dtype=torch.long, device=clean_logits.device)
     if target is None:
         return clean_logits.argmax(-1)
     target = torch.as_tensor(target, device=clean_logits.device, dtype=torch.long)
