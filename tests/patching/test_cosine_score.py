@@ -85,3 +85,15 @@ def test_attributors_refuse_cosine_and_headless_models(backbone):
     classifier = HookedViT.from_timm(tiny_timm_vit())
     with pytest.raises(ValueError, match="score='cosine' works with run_restore and trace_"):
         get_attributor("occlusion", classifier, score="cosine")
+
+
+def test_attribution_patching_takes_cosine(backbone, images):
+    from vitlens_patch.patching.attribution_patching import estimate_restore
+
+    clean, corrupted = images
+    cells = [(Site(f"blocks.{layer}.hook_attn_out"),) for layer in range(3)]
+    exact = run_restore(backbone, clean, corrupted, cells, metric="cosine", progress=False)
+    estimate = estimate_restore(backbone, clean, corrupted, cells, score="cosine", progress=False)
+    assert estimate.effects.shape == (3, 3) and torch.isfinite(estimate.effects).all()
+    assert torch.allclose(estimate.clean_score, exact.clean_score, atol=1e-6)
+    assert torch.allclose(estimate.corrupted_score, exact.corrupted_score, atol=1e-6)

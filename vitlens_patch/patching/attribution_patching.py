@@ -59,7 +59,7 @@ from vitlens_patch.patching.engine import (
     resolve_corruption,
     run_restore,
 )
-from vitlens_patch.patching.scores import resolve_score, resolve_target
+from vitlens_patch.patching.scores import apply_score, check_score_for_model, resolve_score, resolve_target
 from vitlens_patch.patching.sites import BLOCK_HOOK, Site
 
 METHODS = ("exact", "attribution")
@@ -186,6 +186,7 @@ def estimate_restore(
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     score_fn = resolve_score(score)
     precision(model, dtype)  # rejects a bad dtype before any work
+    check_score_for_model(score_fn, score, model.cfg.n_classes)
     n_images = clean.shape[0]
     if target is not None:  # checked once for all images, then sliced per batch
         target = resolve_target(target, clean.new_empty(n_images, 0), model.cfg.n_classes)
@@ -225,15 +226,16 @@ def estimate_restore(
         with precision(model, dtype):
             corrupted_logits, acts, grads = _gradient_run(
                 model, corrupted_images[batch], corrupted_hooks, set(kinds) | qk_names | pattern_names,
-                first_layer, lambda logits, t=batch_target: score_fn(logits, t).float().sum(),
+                first_layer,
+                lambda logits, t=batch_target, c=clean_logits: apply_score(score_fn, logits, t, c).sum(),
             )
         estimate[batch] = sum(
             _site_terms(name, kind, clean_cache, acts, grads).flatten(1) @ masks[name].T
             for name, kind in kinds.items()
         )
         del acts, grads  # frees the retained graph
-        clean_score[batch] = score_fn(clean_logits, batch_target).float()
-        corrupted_score[batch] = score_fn(corrupted_logits.detach(), batch_target).float()
+        clean_score[batch] = apply_score(score_fn, clean_logits, batch_target, clean_logits)
+        corrupted_score[batch] = apply_score(score_fn, corrupted_logits.detach(), batch_target, clean_logits)
     return RestoreOutput(corrupted_score[:, None] + estimate, clean_score, corrupted_score, torch.cat(targets))
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt
-from vitlens_patch.patching.scores import needs_clean_output, resolve_score, resolve_target
+from vitlens_patch.patching.scores import apply_score, check_score_for_model, resolve_score, resolve_target
 from vitlens_patch.patching.sites import BLOCK_HOOK, HEAD_HOOKS, Cell, Site, check_site
 
 FwdHook = tuple[str, Callable]
@@ -201,11 +201,7 @@ def run_restore(
     if rows_per_pass is not None and (not isinstance(rows_per_pass, int) or rows_per_pass < 1):
         raise ValueError(f"rows_per_pass must be a positive int or None, got {rows_per_pass!r}")
     score_fn = resolve_score(metric)
-    if not model.cfg.n_classes and not needs_clean_output(score_fn):
-        raise ValueError(
-            f"metric {metric!r} needs class logits but the model has no classifier (n_classes=0): use "
-            f"metric='cosine' or attach a head with model.with_head(head)"
-        )
+    check_score_for_model(score_fn, metric, model.cfg.n_classes)
     device = model.device
     n_images = clean.shape[0]
     if selected is not None and (
@@ -223,13 +219,8 @@ def run_restore(
         target = resolve_target(target, clean_logits, model.cfg.n_classes)
         resid_names = {f"blocks.{layer}.hook_resid_pre" for layer in start_layers}
         corrupted_logits, corrupted_cache = cached_run(model, corrupted_images, resid_names, corrupted_hooks)
-    def score(output: Tensor, images: Tensor | slice) -> Tensor:
-        if needs_clean_output(score_fn):
-            return score_fn(output, target[images], clean_logits[images]).float()
-        return score_fn(output, target[images]).float()
-
-    clean_score = score(clean_logits, slice(None))
-    corrupted_score = score(corrupted_logits, slice(None))
+    clean_score = apply_score(score_fn, clean_logits, target, clean_logits)
+    corrupted_score = apply_score(score_fn, corrupted_logits, target, clean_logits)
 
     # One mask per (cell, hook name): where that cell restores clean values at that hook.
     cell_masks: list[dict[str, Tensor]] = []
@@ -259,7 +250,9 @@ def run_restore(
             hooks = _restore_hooks(clean_cache, cell_masks, images, cell_ids)
             resid = corrupted_cache[f"blocks.{layer}.hook_resid_pre"][images]
             logits = model.run_with_hooks(resid, start_at_layer=layer, fwd_hooks=hooks)
-            restored[images, torch.tensor(cell_ids, device=device)] = score(logits, images)
+            restored[images, torch.tensor(cell_ids, device=device)] = apply_score(
+                score_fn, logits, target[images], clean_logits[images]
+            )
     return RestoreOutput(restored, clean_score, corrupted_score, target)
 
 

@@ -42,6 +42,23 @@ def needs_clean_output(score_fn: ScoreFn) -> bool:
     return getattr(score_fn, "needs_clean_output", False)
 
 
+def apply_score(score_fn: ScoreFn, output: Tensor, target: Tensor, clean_output: Tensor) -> Float[Tensor, " batch"]:
+    """``score_fn`` on a run's ``output`` [batch, ...], as float: called with (output, target), or
+    (output, target, clean_output) when it compares with the clean run's output ("cosine")."""
+    if needs_clean_output(score_fn):
+        return score_fn(output, target, clean_output).float()
+    return score_fn(output, target).float()
+
+
+def check_score_for_model(score_fn: ScoreFn, score, n_classes: int) -> None:
+    """Refuse a class score (prob, logit...) on a model without a classifier."""
+    if not n_classes and not needs_clean_output(score_fn):
+        raise ValueError(
+            f"score {score!r} needs class logits but the model has no classifier (n_classes=0): use "
+            f"'cosine' or attach a head with model.with_head(head)"
+        )
+
+
 def resolve_score(score: str | tuple | ScoreFn) -> ScoreFn:
     """``score`` -> a function (logits [batch, n_classes], target [batch]) -> [batch].
 
