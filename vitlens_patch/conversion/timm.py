@@ -21,7 +21,8 @@ from vitlens_patch.model.hooked_vit import HookedViT
 from vitlens_patch.model.preprocess import DataConfig
 
 
-def _activation_name(act: nn.Module) -> str:
+def activation_name(act: nn.Module) -> str:
+    """The ViTConfig activation name of a timm MLP activation module."""
     from timm.layers import activations
 
     if isinstance(act, nn.GELU):
@@ -34,10 +35,13 @@ def _activation_name(act: nn.Module) -> str:
         return "quick_gelu"
     if isinstance(act, nn.ReLU):
         return "relu"
+    if isinstance(act, nn.SiLU):
+        return "silu"
     raise NotImplementedError(f"MLP activation {type(act).__name__} is not supported")
 
 
-def _layer_norm_eps(norm: nn.Module, where: str) -> float:
+def layer_norm_eps(norm: nn.Module, where: str) -> float:
+    """A timm norm layer's eps; ``NotImplementedError`` naming ``where`` unless it is an affine LayerNorm."""
     from timm.layers import LayerNorm as TimmLayerNorm
 
     if type(norm) not in (nn.LayerNorm, TimmLayerNorm):
@@ -56,12 +60,17 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     from timm.layers import Mlp, PatchEmbed
     from timm.layers.attention import Attention
     from timm.models.deit import VisionTransformerDistilled
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import Block, VisionTransformer
 
+    if type(model) is Eva:
+        from vitlens_patch.conversion.eva import config_from_eva
+
+        return config_from_eva(model)
     if not isinstance(model, VisionTransformer):
         raise NotImplementedError(
             f"model class {type(model).__name__} is not supported; HookedViT converts timm "
-            f"VisionTransformer (vit_*, deit_*) models"
+            f"VisionTransformer (vit_*, deit_*) and Eva (eva*, EVA-02, RoPE-ViT, DINOv3) models"
         )
     distilled = isinstance(model, VisionTransformerDistilled)
     if type(model) not in (VisionTransformer, VisionTransformerDistilled):
@@ -103,17 +112,17 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
             raise NotImplementedError(f"{where}: MLP type {type(block.mlp).__name__} (or scale_mlp_norm) is not supported")
         if type(block.attn.q_norm) is not type(first.attn.q_norm) or type(block.ls1) is not type(first.ls1):
             raise NotImplementedError(f"{where}: blocks with different options are not supported")
-        _layer_norm_eps(block.norm1, f"{where}.norm1")
+        layer_norm_eps(block.norm1, f"{where}.norm1")
 
     qk_norm = not isinstance(first.attn.q_norm, nn.Identity)
     if qk_norm:
-        _layer_norm_eps(first.attn.q_norm, "blocks.0.attn.q_norm")
-    eps = _layer_norm_eps(first.norm1, "blocks.0.norm1")
+        layer_norm_eps(first.attn.q_norm, "blocks.0.attn.q_norm")
+    eps = layer_norm_eps(first.norm1, "blocks.0.norm1")
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
     has_norm = not isinstance(model.norm, nn.Identity)
     pre_norm = not isinstance(model.norm_pre, nn.Identity)
     for name, norm in [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre)]:
-        if not isinstance(norm, nn.Identity) and _layer_norm_eps(norm, name) != eps:
+        if not isinstance(norm, nn.Identity) and layer_norm_eps(norm, name) != eps:
             raise NotImplementedError(f"{name}: a LayerNorm eps different from the blocks' is not supported")
 
     return ViTConfig(
@@ -138,7 +147,7 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         proj_bias=first.attn.proj.bias is not None,
         patch_embed_bias=embed.proj.bias is not None,
         qk_norm=qk_norm,
-        activation=_activation_name(first.mlp.act),
+        activation=activation_name(first.mlp.act),
         eps=eps,
     )
 
@@ -261,8 +270,19 @@ def from_timm(model_or_name: Any, pretrained: bool = False, **timm_kwargs) -> Ho
     reference = next(model.parameters())
     hooked = HookedViT(cfg, data_config=data_config_from_timm(model, cfg), class_names=_class_names(model))
     hooked.to(device=reference.device, dtype=reference.dtype)
-    load_state_dict_strictly(hooked, convert_timm_state_dict(model.state_dict(), cfg))
+    load_state_dict_strictly(hooked, _convert_state_dict(model, cfg))
     return hooked.eval()
+
+
+def _convert_state_dict(model: nn.Module, cfg: ViTConfig) -> dict[str, Tensor]:
+    from timm.models.eva import Eva
+
+    if type(model) is Eva:
+        from vitlens_patch.conversion.eva import convert_eva_state_dict, rotary_tables
+
+        rotary = rotary_tables(model, cfg) if cfg.rotary != "none" else None
+        return convert_eva_state_dict(model.state_dict(), cfg, rotary)
+    return convert_timm_state_dict(model.state_dict(), cfg)
 
 
 def _class_names(model: nn.Module) -> tuple[str, ...] | None:

@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
+ROTARY_LAYOUTS = ("none", "interleaved", "half")
 POOLINGS = ("token", "avg", "max", "avgmax", "distilled", "token_avg", "none")
 FINAL_NORMS = ("tokens", "pooled", "none")
 
@@ -51,6 +52,18 @@ class ViTConfig:
         activation: MLP activation, one of ``ACTIVATIONS``.
         eps: LayerNorm epsilon.
         head_bias: whether the classifier has a bias (False for CLIP's image projection).
+        abs_pos_embed: whether learned absolute position embeddings are added (False for some
+            rotary-embedding models, timm's ``use_abs_pos_emb=False``).
+        rotary: rotary position embedding on the patch tokens' queries and keys (EVA-02, RoPE-ViT,
+            DINOv3): "none", or the rotation layout, "interleaved" (pairs (0, 1), (2, 3), ...) or
+            "half" (pairs (i, i + d_head / 2)). The sin / cos tables are buffers of each attention
+            layer, filled by the converter; prefix tokens are not rotated.
+        rotary_per_head: one rotary table per layer and head (timm's rope_type "mixed") instead of
+            one shared by every head.
+        gated_mlp: SwiGLU-style MLP, ``(act(x @ W_gate + b_gate) * (x @ W_in + b_in)) @ W_out``.
+        mlp_norm: LayerNorm on the MLP hidden activations before W_out (EVA-02's sub-LN).
+        attn_norm: LayerNorm on the concatenated head outputs before W_O (timm's
+            ``scale_attn_inner``); per-head results (``hook_result``) are then not defined.
     """
 
     n_layers: int
@@ -74,9 +87,15 @@ class ViTConfig:
     proj_bias: bool = True
     patch_embed_bias: bool = True
     qk_norm: bool = False
-    activation: Literal["gelu", "gelu_tanh", "quick_gelu", "relu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu"] = "gelu"
     eps: float = 1e-6
     head_bias: bool = True
+    abs_pos_embed: bool = True
+    rotary: Literal["none", "interleaved", "half"] = "none"
+    rotary_per_head: bool = False
+    gated_mlp: bool = False
+    mlp_norm: bool = False
+    attn_norm: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", _pair(self.img_size))
@@ -102,13 +121,18 @@ class ViTConfig:
                 )
         for name, value, allowed in [("activation", self.activation, ACTIVATIONS),
                                      ("pooling", self.pooling, POOLINGS),
-                                     ("final_norm", self.final_norm, FINAL_NORMS)]:
+                                     ("final_norm", self.final_norm, FINAL_NORMS),
+                                     ("rotary", self.rotary, ROTARY_LAYOUTS)]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if (self.pooling == "token") and not self.class_token:
             raise ValueError("pooling='token' needs class_token=True")
         if self.pooling == "distilled" and not self.distilled:
             raise ValueError("pooling='distilled' needs distilled=True")
+        if self.rotary_per_head and self.rotary == "none":
+            raise ValueError("rotary_per_head=True needs a rotary layout, got rotary='none'")
+        if self.rotary != "none" and self.d_head % 2:
+            raise ValueError(f"rotary position embeddings need an even d_head, got {self.d_head}")
         if self.pooling == "token_avg" and not self.class_token:
             raise ValueError("pooling='token_avg' needs class_token=True")
 

@@ -47,11 +47,16 @@ class HookedViT(HookedRootModule):
         blocks.{i}.hook_resid_pre / hook_resid_mid / hook_resid_post   [batch, pos, d_model]
         blocks.{i}.ln1/ln2.hook_scale [batch, pos, 1], .hook_normalized [batch, pos, d_model]
         blocks.{i}.attn.hook_q/k/v/z                         [batch, pos, head, d_head]
+                                                             (q, k after qk-norm and rotary)
+        blocks.{i}.attn.ln.hook_*    [batch, pos, head * d_head]  only when cfg.attn_norm
         blocks.{i}.attn.hook_attn_scores / hook_pattern      [batch, head, query_pos, key_pos]
         blocks.{i}.attn.hook_result                          [batch, pos, head, d_model]
                                                              (after set_use_attn_result(True))
         blocks.{i}.hook_attn_out / hook_mlp_out              [batch, pos, d_model]
         blocks.{i}.mlp.hook_pre / hook_post                  [batch, pos, d_mlp]
+        blocks.{i}.mlp.hook_pre_linear                       [batch, pos, d_mlp]  (cfg.gated_mlp:
+                                                             hook_pre is the gate, hook_post the product)
+        blocks.{i}.mlp.ln.hook_*                             [batch, pos, d_mlp]  only when cfg.mlp_norm
         ln_final.hook_normalized  [batch, pos, d_model] ([batch, d_model] if final_norm="pooled")
         hook_pooled             [batch, d_pooled]  ([batch, 2, d_model] for distilled models,
                                                     [batch, pos, d_model] for pooling="none")
@@ -109,7 +114,14 @@ class HookedViT(HookedRootModule):
         return self.embed.W_E.dtype
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Compute per-head outputs (``attn.hook_result``); slower, as in TransformerLens."""
+        """Compute per-head outputs (``attn.hook_result``); slower, as in TransformerLens.
+
+        Raises:
+            ValueError: for a model with a LayerNorm across the heads' outputs (``cfg.attn_norm``),
+                whose output is not a sum of per-head terms.
+        """
+        if use_attn_result and self.cfg.attn_norm:
+            raise ValueError("use_attn_result needs per-head outputs; cfg.attn_norm normalises across heads")
         for block in self.blocks:
             block.attn.use_attn_result = use_attn_result
 
@@ -144,7 +156,7 @@ class HookedViT(HookedRootModule):
     ) -> Float[Tensor, "batch pos d_model"]:
         """Images -> the residual stream entering block 0."""
         patches = self.hook_embed(self.embed(images))
-        pos = self.hook_pos_embed(self.pos_embed(patches.shape[0]))
+        pos = self.hook_pos_embed(self.pos_embed(patches))
         tokens = self.hook_full_embed(self.prefix_tokens(patches) + pos)
         return tokens if self.ln_pre is None else self.ln_pre(tokens)
 

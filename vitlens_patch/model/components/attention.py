@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from vitlens_patch.model.components.layer_norm import LayerNorm, is_hooked
+from vitlens_patch.model.components.rotary import RotaryEmbedding
 from vitlens_patch.model.config import ViTConfig
 
 
@@ -20,6 +21,10 @@ class Attention(nn.Module):
     When neither ``hook_attn_scores`` nor ``hook_pattern`` is hooked, the pattern is never
     materialised and ``F.scaled_dot_product_attention`` is used; otherwise the pattern is computed
     explicitly. Both paths agree within 1e-5.
+
+    Options: ``q_norm`` / ``k_norm`` (qk-norm), ``rotary`` (rotary position embeddings,
+    applied after qk-norm: ``hook_q`` and ``hook_k`` see the rotated queries and keys), ``ln``
+    (a LayerNorm on the concatenated head outputs before W_O, timm's ``scale_attn_inner``).
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -35,9 +40,11 @@ class Attention(nn.Module):
         self.b_O = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.proj_bias else None
         self.q_norm = LayerNorm(cfg.d_head, cfg.eps) if cfg.qk_norm else None
         self.k_norm = LayerNorm(cfg.d_head, cfg.eps) if cfg.qk_norm else None
+        self.rotary = RotaryEmbedding(cfg) if cfg.rotary != "none" else None
+        self.ln = LayerNorm(cfg.n_heads * cfg.d_head, cfg.eps) if cfg.attn_norm else None
         self.use_attn_result = False
-        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_k = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]: after qk-norm and rotary
+        self.hook_k = HookPoint()  # [batch, pos, head, d_head]: after qk-norm and rotary
         self.hook_v = HookPoint()  # [batch, pos, head, d_head]
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]: scaled, pre-softmax
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]: softmax of the scores
@@ -62,6 +69,8 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         # [batch, pos, head, d_head] -> [batch, head, pos, d_head] for the attention kernels
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -72,6 +81,9 @@ class Attention(nn.Module):
         else:
             z = F.scaled_dot_product_attention(q, k, v)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+        if self.ln is not None:
+            z_flat = self.ln(rearrange(z, "batch pos head d_head -> batch pos (head d_head)"))
+            return F.linear(z_flat, rearrange(self.W_O, "head d_head d_model -> d_model (head d_head)"), self.b_O)
         if self.use_attn_result:
             result = self.hook_result(
                 einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")

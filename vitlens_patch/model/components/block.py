@@ -9,7 +9,7 @@ from transformer_lens.hook_points import HookPoint
 
 from vitlens_patch.model.components.attention import Attention
 from vitlens_patch.model.components.layer_norm import LayerNorm
-from vitlens_patch.model.components.mlp import MLP
+from vitlens_patch.model.components.mlp import MLP, GatedMLP
 from vitlens_patch.model.config import ViTConfig
 
 
@@ -25,7 +25,7 @@ class TransformerBlock(nn.Module):
         self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
         self.attn = Attention(cfg)
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
-        self.mlp = MLP(cfg)
+        self.mlp = GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)
         self.gamma_attn = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
         self.gamma_mlp = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]

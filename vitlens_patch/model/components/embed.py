@@ -48,12 +48,20 @@ class PosEmbed(nn.Module):
 
     W_pos [n_pos, d_model], or [n_patches, d_model] when prefix positions are not embedded (timm's
     ``no_embed_class``); then the prefix rows are zeros, which adds exactly what timm adds.
+    Without absolute position embeddings (``cfg.abs_pos_embed`` False, rotary-only models) W_pos
+    is None and the embeddings are zeros.
     """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.n_unembedded = 0 if cfg.pos_embed_prefix else cfg.n_prefix_tokens
-        self.W_pos = nn.Parameter(torch.empty(cfg.n_pos - self.n_unembedded, cfg.d_model))
+        self.shape = (cfg.n_pos, cfg.d_model)
+        self.W_pos = (
+            nn.Parameter(torch.empty(cfg.n_pos - self.n_unembedded, cfg.d_model)) if cfg.abs_pos_embed else None
+        )
 
-    def forward(self, batch: int) -> Float[Tensor, "batch pos d_model"]:
-        return F.pad(self.W_pos, (0, 0, self.n_unembedded, 0)).expand(batch, -1, -1)
+    def forward(self, patches: Float[Tensor, "batch n_patches d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """Position embeddings for a batch like ``patches`` (its size, device and dtype)."""
+        if self.W_pos is None:
+            return patches.new_zeros(self.shape).expand(len(patches), -1, -1)
+        return F.pad(self.W_pos, (0, 0, self.n_unembedded, 0)).expand(len(patches), -1, -1)

@@ -1,0 +1,229 @@
+"""timm ``Eva`` models (EVA, EVA-02, RoPE-ViT, DINOv3) -> HookedViT.
+
+The same pieces as ``conversion/timm.py`` for ``VisionTransformer``, plus rotary position embeddings
+(their sin / cos tables are read off the timm model's ``rope`` module at the built input size),
+SwiGLU MLPs (packed ``GluMlp`` or split ``SwiGLU``), EVA-02's sub-LNs inside the attention and MLP,
+and EVA's zero key bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from vitlens_patch.model import ViTConfig
+
+
+def config_from_eva(model: nn.Module) -> ViTConfig:
+    """Read a ViTConfig off a built timm ``Eva``, refusing what HookedViT cannot represent.
+
+    Raises:
+        NotImplementedError: naming the unsupported layer type or option.
+    """
+    from timm.layers import GluMlp, Mlp, PatchEmbed, SwiGLU
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import EvaAttention, EvaBlock
+
+    from vitlens_patch.conversion.timm import layer_norm_eps, activation_name
+
+    if model.attn_pool is not None:
+        raise NotImplementedError(f"Eva global_pool={model.global_pool!r} (attention pooling) is not supported")
+    if model.global_pool not in ("token", "avg", "max", "avgmax", ""):
+        raise NotImplementedError(f"Eva global_pool={model.global_pool!r} is not supported")
+    if model.global_pool == "" and model.num_classes:
+        raise NotImplementedError("Eva global_pool='' with a classifier is not supported; build it with num_classes=0")
+    if model.patch_drop is not None and model.training:
+        raise NotImplementedError("patch_drop_rate > 0 in training mode is not supported; call model.eval()")
+    embed = model.patch_embed
+    if type(embed) is not PatchEmbed or embed.dynamic_img_pad or not isinstance(embed.norm, nn.Identity):
+        raise NotImplementedError(f"Eva patch embedding {type(embed).__name__} with these options is not supported")
+    blocks = list(model.blocks)
+    first = blocks[0]
+    for index, block in enumerate(blocks):
+        where = f"blocks.{index}"
+        if type(block) is not EvaBlock:
+            raise NotImplementedError(f"{where}: Eva block type {type(block).__name__} (post-norm) is not supported")
+        attn = block.attn
+        if type(attn) not in (EvaAttention, AttentionRope) or attn.gate is not None:
+            raise NotImplementedError(f"{where}: attention type {type(attn).__name__} (or gated attention) is not supported")
+        if getattr(attn, "num_kv_heads", attn.num_heads) != attn.num_heads:
+            raise NotImplementedError(f"{where}: grouped-query attention (num_kv_heads) is not supported")
+        if type(attn) is EvaAttention and attn.qkv is None:
+            raise NotImplementedError(f"{where}: unfused q/k/v projections (qkv_fused=False) are not supported")
+        if type(block.mlp) not in (Mlp, GluMlp, SwiGLU):
+            raise NotImplementedError(f"{where}: MLP type {type(block.mlp).__name__} is not supported")
+        if type(block.mlp) is GluMlp and (block.mlp.gate_last or block.mlp.chunk_dim != -1):
+            raise NotImplementedError(f"{where}: GluMlp with gate_last=True is not supported")
+        if (block.gamma_1 is None) != (block.gamma_2 is None):
+            raise NotImplementedError(f"{where}: layer scale on the attention branch only is not supported")
+        if type(block.mlp) is not type(first.mlp) or type(attn) is not type(first.attn):
+            raise NotImplementedError(f"{where}: blocks with different options are not supported")
+        for name in ("norm1", "norm2"):
+            layer_norm_eps(getattr(block, name), f"{where}.{name}")
+    eps = layer_norm_eps(first.norm1, "blocks.0.norm1")
+    attn, mlp = first.attn, first.mlp
+    qk_norm = not isinstance(attn.q_norm, nn.Identity)
+    attn_norm = not isinstance(attn.norm, nn.Identity)
+    mlp_norm = not isinstance(mlp.norm, nn.Identity)
+    for name, norm in [("q_norm", attn.q_norm if qk_norm else None), ("attn.norm", attn.norm if attn_norm else None),
+                       ("mlp.norm", mlp.norm if mlp_norm else None), ("norm", model.norm), ("fc_norm", model.fc_norm),
+                       ("norm_pre", model.norm_pre)]:
+        if norm is not None and not isinstance(norm, nn.Identity) and layer_norm_eps(norm, name) != eps:
+            raise NotImplementedError(f"{name}: a LayerNorm eps different from the blocks' is not supported")
+    if model.rope is not None and type(model.rope).__name__ not in ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMixed"):
+        raise NotImplementedError(f"rotary embedding {type(model.rope).__name__} is not supported")
+    gated = type(mlp) is not Mlp
+    if gated:
+        d_mlp = mlp.fc2.in_features
+        qkv_linear = mlp.fc1 if type(mlp) is GluMlp else mlp.fc1_x
+        proj_bias = qkv_linear.bias is not None
+    else:
+        d_mlp, proj_bias = mlp.fc1.out_features, mlp.fc1.bias is not None
+    if (attn.proj.bias is not None) != proj_bias:
+        raise NotImplementedError("attention projection and MLP with different bias settings are not supported")
+    has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    has_norm = not isinstance(model.norm, nn.Identity)
+    return ViTConfig(
+        n_layers=len(blocks),
+        d_model=model.embed_dim,
+        n_heads=attn.num_heads,
+        d_head=attn.head_dim,
+        d_mlp=d_mlp,
+        img_size=tuple(embed.img_size),
+        patch_size=tuple(embed.patch_size),
+        n_classes=model.num_classes,
+        in_chans=embed.proj.in_channels,
+        class_token=model.cls_token is not None,
+        n_register_tokens=model.num_prefix_tokens - int(model.cls_token is not None),
+        pos_embed_prefix=not model.no_embed_class,
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        final_norm="pooled" if has_fc_norm else ("tokens" if has_norm else "none"),
+        pooling=model.global_pool or "none",
+        layer_scale=first.gamma_1 is not None,
+        qkv_bias=(attn.q_bias is not None) if type(attn) is EvaAttention else (attn.qkv.bias is not None),
+        proj_bias=proj_bias,
+        patch_embed_bias=embed.proj.bias is not None,
+        qk_norm=qk_norm,
+        activation="silu" if type(mlp) is GluMlp else activation_name(mlp.act),
+        eps=eps,
+        abs_pos_embed=model.pos_embed is not None,
+        rotary="none" if model.rope is None else ("half" if attn.rotate_half else "interleaved"),
+        rotary_per_head=model.rope_mixed,
+        gated_mlp=gated,
+        mlp_norm=mlp_norm,
+        attn_norm=attn_norm,
+    )
+
+
+def rotary_tables(model: nn.Module, cfg: ViTConfig) -> Tensor:
+    """The timm model's rotary sin / cos table at its built grid: [layer, n_patches, head, 2 * d_head]."""
+    rope = model.rope
+    if getattr(rope, "feat_shape", None) is not None:
+        table = rope.get_embed()
+    else:
+        table = rope.get_embed(shape=cfg.grid_size)
+    if cfg.rotary_per_head:  # [layer, head, n_patches, 2 d_head]
+        return rearrange(table, "layer head patch d -> layer patch head d")
+    return rearrange(table, "patch d -> 1 patch 1 d").expand(cfg.n_layers, -1, -1, -1)
+
+
+def convert_eva_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig, rotary: Tensor | None = None) -> dict[str, Tensor]:
+    """timm Eva state dict -> HookedViT state dict (a pure function).
+
+    Args:
+        state_dict: the timm model's state dict; its ``rope.*`` entries are consumed by ``rotary``.
+        cfg: from :func:`config_from_eva`.
+        rotary: [layer, n_patches, head, 2 * d_head] sin / cos tables (:func:`rotary_tables`),
+            required when ``cfg.rotary`` is not "none".
+
+    Raises:
+        ValueError: listing timm keys that were left over or missing.
+    """
+    source = dict(state_dict)
+    taken: set[str] = {key for key in source if key.startswith("rope.")}
+
+    def take(key: str) -> Tensor:
+        if key not in source:
+            raise ValueError(f"timm state dict is missing {key!r}")
+        taken.add(key)
+        return source[key]
+
+    def norm(prefix: str, target: str) -> dict[str, Tensor]:
+        return {f"{target}.w": take(f"{prefix}.weight"), f"{target}.b": take(f"{prefix}.bias")}
+
+    if cfg.rotary != "none" and rotary is None:
+        raise ValueError("rotary tables must be given for a model with rotary position embeddings")
+    prefix_tokens = [take("cls_token")[0]] if cfg.class_token else []
+    if cfg.n_register_tokens:
+        prefix_tokens.append(take("reg_token")[0])
+    out = {
+        "embed.W_E": take("patch_embed.proj.weight"),
+        "prefix_tokens.W_prefix": torch.cat(prefix_tokens) if prefix_tokens else torch.zeros(0, cfg.d_model),
+    }
+    if cfg.abs_pos_embed:
+        out["pos_embed.W_pos"] = take("pos_embed")[0]
+    if cfg.patch_embed_bias:
+        out["embed.b_E"] = take("patch_embed.proj.bias")
+    if cfg.pre_norm:
+        out |= norm("norm_pre", "ln_pre")
+    for i in range(cfg.n_layers):
+        src, dst = f"blocks.{i}", f"blocks.{i}"
+        out |= norm(f"{src}.norm1", f"{dst}.ln1") | norm(f"{src}.norm2", f"{dst}.ln2")
+        qkv = rearrange(
+            take(f"{src}.attn.qkv.weight"),
+            "(three head d_head) d_model -> three head d_model d_head", three=3, head=cfg.n_heads,
+        )
+        out[f"{dst}.attn.W_Q"], out[f"{dst}.attn.W_K"], out[f"{dst}.attn.W_V"] = qkv
+        if cfg.qkv_bias:
+            if f"{src}.attn.q_bias" in source:  # EVA: q and v biases, the key bias is zero
+                q_bias = take(f"{src}.attn.q_bias")
+                bias = torch.stack([q_bias, torch.zeros_like(q_bias), take(f"{src}.attn.v_bias")])
+            else:
+                bias = rearrange(take(f"{src}.attn.qkv.bias"), "(three d) -> three d", three=3)
+            bias = rearrange(bias, "three (head d_head) -> three head d_head", head=cfg.n_heads)
+            out[f"{dst}.attn.b_Q"], out[f"{dst}.attn.b_K"], out[f"{dst}.attn.b_V"] = bias
+        if cfg.qk_norm:
+            out |= norm(f"{src}.attn.q_norm", f"{dst}.attn.q_norm") | norm(f"{src}.attn.k_norm", f"{dst}.attn.k_norm")
+        if cfg.attn_norm:
+            out |= norm(f"{src}.attn.norm", f"{dst}.attn.ln")
+        if cfg.rotary != "none":
+            sin, cos = rotary[i].chunk(2, dim=-1)
+            out[f"{dst}.attn.rotary.sin"], out[f"{dst}.attn.rotary.cos"] = sin, cos
+        out[f"{dst}.attn.W_O"] = rearrange(
+            take(f"{src}.attn.proj.weight"), "d_model (head d_head) -> head d_head d_model", head=cfg.n_heads
+        )
+        if f"{src}.mlp.fc1_g.weight" in source:  # SwiGLU: separate gate and linear branches
+            out[f"{dst}.mlp.W_gate"] = take(f"{src}.mlp.fc1_g.weight").T
+            out[f"{dst}.mlp.W_in"] = take(f"{src}.mlp.fc1_x.weight").T
+            biases = [f"{src}.mlp.fc1_g.bias", f"{src}.mlp.fc1_x.bias"]
+        elif cfg.gated_mlp:  # GluMlp: one packed projection, gate first
+            out[f"{dst}.mlp.W_gate"], out[f"{dst}.mlp.W_in"] = take(f"{src}.mlp.fc1.weight").T.chunk(2, dim=-1)
+            biases = [f"{src}.mlp.fc1.bias"]
+        else:
+            out[f"{dst}.mlp.W_in"] = take(f"{src}.mlp.fc1.weight").T
+            biases = [f"{src}.mlp.fc1.bias"]
+        out[f"{dst}.mlp.W_out"] = take(f"{src}.mlp.fc2.weight").T
+        if cfg.proj_bias:
+            out[f"{dst}.attn.b_O"] = take(f"{src}.attn.proj.bias")
+            if cfg.gated_mlp and len(biases) == 2:
+                out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = take(biases[0]), take(biases[1])
+            elif cfg.gated_mlp:
+                out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = take(biases[0]).chunk(2)
+            else:
+                out[f"{dst}.mlp.b_in"] = take(biases[0])
+            out[f"{dst}.mlp.b_out"] = take(f"{src}.mlp.fc2.bias")
+        if cfg.mlp_norm:
+            out |= norm(f"{src}.mlp.norm", f"{dst}.mlp.ln")
+        if cfg.layer_scale:
+            out[f"{dst}.gamma_attn"] = take(f"{src}.gamma_1")
+            out[f"{dst}.gamma_mlp"] = take(f"{src}.gamma_2")
+    if cfg.final_norm != "none":
+        out |= norm("fc_norm" if cfg.final_norm == "pooled" else "norm", "ln_final")
+    if cfg.n_classes:
+        out["head.W_U"] = take("head.weight").T
+        out["head.b_U"] = take("head.bias")
+    leftover = sorted(set(source) - taken)
+    if leftover:
+        raise ValueError(f"timm Eva state dict has keys HookedViT cannot place: {leftover}")
+    return {key: value.contiguous() for key, value in out.items()}
