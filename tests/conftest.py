@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models built the way users build them."""
 
 import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -36,3 +37,35 @@ def tiny_pair() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
     clean = torch.randn(2, 3, 32, 32, generator=generator)
     return clean, clean + 1.5 * torch.randn(2, 3, 32, 32, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """The system Chromium, headless, driven by Playwright (see tests/browser.py)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import launch_chromium
+
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def browser_artifacts(tmp_path_factory) -> Path:
+    """Folder for screenshots: $VITLENS_ARTIFACTS, else <pytest basetemp>/artifacts."""
+    folder = Path(os.environ.get("VITLENS_ARTIFACTS") or tmp_path_factory.getbasetemp() / "artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def browser_page(chromium, browser_artifacts):
+    """A fresh page (1280x900) that records console errors, page errors and external requests."""
+    from tests.browser import BrowserPage
+
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    page = BrowserPage(context.new_page(), browser_artifacts)
+    yield page
+    context.close()
