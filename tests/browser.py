@@ -36,6 +36,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 CHROMIUM = Path(os.environ.get("VITLENS_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = (
@@ -182,6 +183,42 @@ class JupyterServer:
         """URL that opens ``notebook`` (relative to ``root``) in JupyterLab."""
         return f"{self.url}lab/tree/{notebook}?token={self.token}"
 
+    def run_notebook(self, browser_page: BrowserPage, notebook: str, *, timeout: float = 120.0):
+        """Open ``notebook`` in JupyterLab, run all cells and wait until every code cell ran (its
+        prompt shows a number). Returns the Playwright page.
+
+        The first kernel connection sometimes drops (jupyter_server answers the first websocket
+        with a 500 while the kernel starts) and loses the request: "Run All Cells" is repeated
+        until a cell is queued ("[*]") or ran.
+        """
+        page = browser_page.goto(self.lab_url(notebook), timeout=timeout)
+        page.wait_for_selector(".jp-Notebook", timeout=timeout * 1000)
+        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=timeout * 1000)
+        prompts = "Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt'))"
+        deadline = time.monotonic() + timeout
+        while True:
+            page.click('.lm-MenuBar-itemLabel:text-is("Run")')
+            page.click('.lm-Menu-itemLabel:text-is("Run All Cells")')
+            try:
+                page.wait_for_function(
+                    f"() => {prompts}.some((p) => /\\[(\\*|\\d+)\\]/.test(p.textContent))", timeout=5000
+                )
+                break
+            except PlaywrightTimeout:
+                if time.monotonic() > deadline:
+                    raise
+        page.wait_for_function(
+            f"() => {prompts}.every((p) => /\\[\\d+\\]/.test(p.textContent))",
+            timeout=max(deadline - time.monotonic(), 1) * 1000,
+        )
+        return page
+
+
+_LAB_SETTINGS = {
+    "@jupyterlab/apputils-extension/notification": {"fetchNews": "false"},
+    "@jupyterlab/notebook-extension/tracker": {"autoStartDefaultKernel": True},
+}
+
 
 @contextlib.contextmanager
 def jupyter_lab(root: str | Path, home: str | Path, *, timeout: float = 60.0) -> Iterator[JupyterServer]:
@@ -191,8 +228,18 @@ def jupyter_lab(root: str | Path, home: str | Path, *, timeout: float = 60.0) ->
     Yields a :class:`JupyterServer` once the server answers; stops the server afterwards.
     """
     root, home = Path(root), Path(home)
-    for name in ("config", "data", "runtime", "ipython"):
+    for name in ("config", "data", "runtime", "ipython", "workspaces"):
         (home / name).mkdir(parents=True, exist_ok=True)
+    # no debugger (it races the first kernel connection), nothing fetched from the internet
+    (home / "config" / "labconfig").mkdir(parents=True, exist_ok=True)
+    (home / "config" / "labconfig" / "page_config.json").write_text(json.dumps({
+        "disabledExtensions": {"@jupyterlab/debugger-extension": True},
+    }))
+    # no "get notified about Jupyter news?" toast, no "select kernel" dialog over the page
+    for plugin, settings in _LAB_SETTINGS.items():
+        path = home / "settings" / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings))
     port, token = free_port(), "vitlens-test-token"
     env = os.environ | {
         "JUPYTER_CONFIG_DIR": str(home / "config"),
@@ -200,6 +247,8 @@ def jupyter_lab(root: str | Path, home: str | Path, *, timeout: float = 60.0) ->
         "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
         "IPYTHONDIR": str(home / "ipython"),
         "JUPYTER_PLATFORM_DIRS": "1",
+        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
     }
     # the kernel spec of this interpreter, so the notebook's kernel is the test's Python
     subprocess.run(
@@ -213,7 +262,8 @@ def jupyter_lab(root: str | Path, home: str | Path, *, timeout: float = 60.0) ->
             sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
             f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
             "--ServerApp.port_retries=0", "--LabApp.news_url=",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly",
+            "--ServerApp.terminals_enabled=False", "--allow-root",
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
     )

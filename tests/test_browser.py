@@ -35,3 +35,4 @@ def test_missing_figures_fail_with_the_page_errors(browser_page, tmp_path):
     browser_page.open_file(tmp_path / "empty.html")
     with pytest.raises(pytest.fail.Exception, match="0 of 1 plotly figures"):
         browser_page.wait_for_figures(1, timeout=0.5)
+
