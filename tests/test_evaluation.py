@@ -143,7 +143,10 @@ def test_named_methods_and_their_options(model, data):
     assert result.methods == ["caap early", "caap late"]
     assert result.settings["methods"]["caap late"]["options"]["layers"] == [1, 2]
     assert result.settings["methods"]["caap early"] == {
-        "class": "CAAP", "options": {"score": "logit", "upsample": False, "layers": [0, 1], "context": "blur"},
+        "class": "CAAP", "options": {
+            "score": "logit", "upsample": False, "layers": [0, 1], "context": "blur",
+            "method": "exact", "verify_top_k": None, "dtype": None,
+        },
     }
     late = caap(model, data.canvas_images, target=data.labels, layers=(1, 2), progress=False)
     torch.testing.assert_close(result.canvas_maps["caap late"], late)
