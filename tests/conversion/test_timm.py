@@ -137,3 +137,22 @@ def test_from_timm_rejects_bad_arguments():
         HookedViT.from_timm(3)
     with pytest.raises(ValueError, match="only when model_or_name is a model name"):
         HookedViT.from_timm(tiny_timm_vit(), pretrained=True)
+
+
+def test_from_timm_skips_random_init_and_shares_no_memory(monkeypatch):
+    def fail(self, seed=None):
+        raise AssertionError("init_weights ran although the weights are loaded next")
+
+    model = tiny_timm_vit()
+    monkeypatch.setattr(HookedViT, "init_weights", fail)
+    hooked = HookedViT.from_timm(model)
+    assert hooked.device.type == "cpu" and all(p.requires_grad for p in hooked.parameters())
+    before = hooked.head.b_U.clone()
+    with torch.no_grad():
+        model.head.bias.add_(1.0)  # the converted model keeps its own copy
+    assert torch.equal(hooked.head.b_U, before)
+
+
+def test_from_timm_follows_the_models_dtype():
+    hooked = HookedViT.from_timm(tiny_timm_vit().to(torch.float64))
+    assert {p.dtype for p in hooked.parameters()} == {torch.float64}

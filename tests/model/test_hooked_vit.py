@@ -134,6 +134,40 @@ def test_unknown_hook_name_suggests_near_matches(tiny_model):
         tiny_model.hook_point("blocks.0.hook_resid_pr")
 
 
+TYPO = r"unknown hook name 'blocks.1.attn.hook_patern'; closest hook names of this model: \['blocks.1.attn.hook_pattern'"
+
+
+def test_hook_name_typos_raise_key_error_with_near_matches_at_every_entry_point(tiny_model, tiny_images):
+    def hook(tensor, hook):
+        return tensor
+
+    entry_points = {
+        "run_with_hooks": lambda name: tiny_model.run_with_hooks(tiny_images, fwd_hooks=[(name, hook)]),
+        "run_with_hooks bwd": lambda name: tiny_model.run_with_hooks(
+            tiny_images, bwd_hooks=[(name, hook)], reset_hooks_end=False
+        ),
+        "hooks": lambda name: tiny_model.hooks(fwd_hooks=[(name, hook)]).__enter__(),
+        "add_hook": lambda name: tiny_model.add_hook(name, hook),
+        "run_with_cache list": lambda name: tiny_model.run_with_cache(tiny_images, names_filter=[name]),
+        "run_with_cache str": lambda name: tiny_model.run_with_cache(tiny_images, names_filter=name),
+    }
+    for entry_point, call in entry_points.items():
+        with pytest.raises(KeyError, match=TYPO):
+            call("blocks.1.attn.hook_patern")
+        assert not any(point.fwd_hooks or point.bwd_hooks for point in tiny_model.hook_dict.values()), entry_point
+
+
+def test_correct_hook_names_and_filter_functions_still_work(tiny_model, tiny_images):
+    seen = []
+    tiny_model.run_with_hooks(tiny_images, fwd_hooks=[
+        ("blocks.1.attn.hook_pattern", lambda tensor, hook: seen.append(hook.name)),
+        (lambda name: name.endswith("hook_mlp_out"), lambda tensor, hook: seen.append(hook.name)),
+    ])
+    assert seen == ["blocks.0.hook_mlp_out", "blocks.1.attn.hook_pattern", "blocks.1.hook_mlp_out"]
+    _, cache = tiny_model.run_with_cache(tiny_images, names_filter=["blocks.0.hook_resid_pre"])
+    assert list(cache.keys()) == ["blocks.0.hook_resid_pre"]
+
+
 def test_preprocess_accepts_pil_uint8_and_float():
     import numpy as np
     from PIL import Image

@@ -7,7 +7,7 @@ from tests.conftest import tiny_timm_vit
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.engine import run_restore
 from vitlens_patch.patching.scores import resolve_score
-from vitlens_patch.patching.sites import BLOCK_HOOK, HEAD_HOOKS, Site
+from vitlens_patch.patching.sites import BLOCK_HOOK, HEAD_HOOKS, Site, layer_window
 from vitlens_patch.patching.tracing import trace_grid, trace_heads, trace_layers
 
 TOLERANCE = 1e-5
@@ -141,8 +141,9 @@ def test_no_hook_survives_an_error(model, images):
     "kwargs, message",
     [
         (dict(kind="attention"), "kind must be one of"),
-        (dict(window=0), "window must be an int >= 1, got 0"),
-        (dict(window=1.5), "window must be an int >= 1, got 1.5"),
+        (dict(window=0), r"window must be an int in \[1, 4\] \(the number of layers\), got 0"),
+        (dict(window=1.5), r"window must be an int in \[1, 4\] \(the number of layers\), got 1.5"),
+        (dict(window=50), r"window must be an int in \[1, 4\] \(the number of layers\), got 50"),
         (dict(positions=[0, 17]), r"positions must be token indices in \[0, 17\)"),
         (dict(positions="middle"), "positions must be 'all', 'cls', 'patches'"),
         (dict(positions=torch.ones(3, 3, dtype=torch.bool)), r"patch-grid shape \(4, 4\)"),
@@ -156,12 +157,20 @@ def test_bad_arguments_raise_value_error(model, images, kwargs, message):
         trace_layers(model, clean, corrupted, progress=False, **kwargs)
 
 
+def test_even_window_reaches_one_layer_further_down():
+    assert list(layer_window(2, 4, 12)) == [0, 1, 2, 3]
+    assert list(layer_window(5, 2, 12)) == [4, 5]
+    assert list(layer_window(11, 12, 12)) == list(range(5, 12))
+
+
 def test_bad_sites_and_shapes_raise_value_error(model, images):
     clean, corrupted = images
     with pytest.raises(ValueError, match="corrupted must have the same shape as clean"):
         trace_layers(model, clean, corrupted[:2], progress=False)
-    with pytest.raises(ValueError, match="hook_name must be a block hook"):
+    with pytest.raises(KeyError, match=r"unknown hook name 'blocks.9.hook_attn_out'.*'blocks.1.hook_attn_out'"):
         run_restore(model, clean, corrupted, [(Site("blocks.9.hook_attn_out"),)], progress=False)
+    with pytest.raises(KeyError, match=r"closest hook names of this model: \['blocks.1.hook_mlp_out'"):
+        run_restore(model, clean, corrupted, [(Site("blocks.1.hook_mlp_ot"),)], progress=False)
     with pytest.raises(ValueError, match="hook_name must be a block hook"):
         run_restore(model, clean, corrupted, [(Site("hook_embed"),)], progress=False)
     with pytest.raises(ValueError, match=r"heads must be in \[0, 2\)"):

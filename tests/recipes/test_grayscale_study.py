@@ -119,7 +119,8 @@ def test_save_and_load_round_trip(result, tmp_path):
     ("kwargs", "message"),
     [
         ({"kind": "heads"}, "kind must be one of"),
-        ({"window": 0}, "window must be an int >= 1, got 0"),
+        ({"window": 0}, r"window must be an int in \[1, 3\] \(the number of layers\), got 0"),
+        ({"window": 5}, r"window must be an int in \[1, 3\] \(the number of layers\), got 5"),
         ({"indices": []}, "indices must select at least one image"),
         ({"labels": torch.zeros(N_IMAGES, dtype=torch.long)}, "labels must be None when data carries"),
     ],

@@ -8,10 +8,12 @@ import torch
 from torch import Tensor, nn
 
 
-def load_state_dict_strictly(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+def load_state_dict_strictly(model: nn.Module, state_dict: dict[str, Tensor], assign: bool = False) -> None:
     """Load every parameter, or raise ``ValueError`` listing missing, unexpected and mis-shaped keys.
 
     Nothing is filled in at random: a key the model has and the state dict lacks is an error.
+    ``assign=True`` makes the state dict's tensors the parameters (device and dtype included)
+    instead of copying into them: the way to fill a model built on the meta device.
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -26,7 +28,7 @@ def load_state_dict_strictly(model: nn.Module, state_dict: dict[str, Tensor]) ->
             f"state dict does not match the model: missing={missing}, unexpected={unexpected}, "
             f"shape mismatches={mismatched}"
         )
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 @torch.no_grad()

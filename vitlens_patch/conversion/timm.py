@@ -267,22 +267,25 @@ def from_timm(model_or_name: Any, pretrained: bool = False, **timm_kwargs) -> Ho
             f"model_or_name must be a timm model or a timm model name, got {type(model_or_name).__name__}"
         )
     cfg = config_from_timm(model)
-    reference = next(model.parameters())
-    hooked = HookedViT(cfg, data_config=data_config_from_timm(model, cfg), class_names=_class_names(model))
-    hooked.to(device=reference.device, dtype=reference.dtype)
-    load_state_dict_strictly(hooked, _convert_state_dict(model, cfg))
+    with torch.device("meta"):  # no memory and no random initialisation: the weights come next
+        hooked = HookedViT(cfg, data_config=data_config_from_timm(model, cfg), class_names=_class_names(model))
+    load_state_dict_strictly(hooked, _convert_state_dict(model, cfg), assign=True)
     return hooked.eval()
 
 
 def _convert_state_dict(model: nn.Module, cfg: ViTConfig) -> dict[str, Tensor]:
+    """The HookedViT state dict of a timm model, as fresh tensors (never views of the model's own:
+    the converted model is assigned them and shares no memory with its original)."""
     from timm.models.eva import Eva
 
     if type(model) is Eva:
         from vitlens_patch.conversion.eva import convert_eva_state_dict, rotary_tables
 
         rotary = rotary_tables(model, cfg) if cfg.rotary != "none" else None
-        return convert_eva_state_dict(model.state_dict(), cfg, rotary)
-    return convert_timm_state_dict(model.state_dict(), cfg)
+        state = convert_eva_state_dict(model.state_dict(), cfg, rotary)
+    else:
+        state = convert_timm_state_dict(model.state_dict(), cfg)
+    return {key: value.clone(memory_format=torch.contiguous_format) for key, value in state.items()}
 
 
 def _class_names(model: nn.Module) -> tuple[str, ...] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -62,8 +63,11 @@ class HookedViT(HookedRootModule):
                                                     [batch, pos, d_model] for pooling="none")
         hook_logits             [batch, n_classes]  (the features, when there is no classifier)
 
-    Loaders: ``HookedViT.from_timm`` and ``HookedViT.from_hf``. ``data_config`` holds the
-    preprocessing the weights expect; ``class_names`` the label of each logit when known.
+    Loaders: ``HookedViT.from_timm`` and ``HookedViT.from_hf`` build the model on the meta device
+    (``with torch.device("meta")``: no memory, no random initialisation) and assign the converted
+    weights; built anywhere else the model is randomly initialised by ``init_weights``.
+    ``data_config`` holds the preprocessing the weights expect; ``class_names`` the label of each
+    logit when known.
     """
 
     def __init__(
@@ -88,7 +92,8 @@ class HookedViT(HookedRootModule):
         self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model] distilled)
         self.head = ClassifierHead(cfg) if cfg.n_classes else None
         self.hook_logits = HookPoint()  # [batch, n_classes] (features without a classifier)
-        self.init_weights()
+        if self.device.type != "meta":  # built on the meta device, a loader assigns the weights next
+            self.init_weights()
         self.setup()
 
     def init_weights(self, seed: int | None = None) -> None:
@@ -271,8 +276,16 @@ class HookedViT(HookedRootModule):
     def run_with_cache(self, *model_args, return_cache_object: bool = True, **kwargs):
         """Run and cache activations: (output, ActivationCache) so ``cache["resid_post", 3]`` works.
 
-        Takes TransformerLens's arguments (``names_filter``, ``device``, ``incl_bwd``...).
+        Takes TransformerLens's arguments (``names_filter``, ``device``, ``incl_bwd``...). A
+        ``names_filter`` naming hooks (a string or a list of strings) must name hooks of this
+        model: a typo raises ``KeyError`` with near matches instead of caching nothing.
         """
+        names_filter = kwargs.get("names_filter")
+        if isinstance(names_filter, str):
+            self.check_hook_name(names_filter)
+        elif isinstance(names_filter, (list, tuple)):
+            for name in names_filter:
+                self.check_hook_name(name)
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         return out, (ActivationCache(cache_dict, self) if return_cache_object else cache_dict)
 
@@ -282,12 +295,35 @@ class HookedViT(HookedRootModule):
         return self.data_config.preprocess(images).to(self.device, self.dtype)
 
     # ------------------------------------------------------------------------ hook lookup
+    def check_hook_name(self, name: str) -> str:
+        """``name`` if it is a hook point of this model, else ``KeyError`` naming the near matches."""
+        if not isinstance(name, str) or name not in self.hook_dict:
+            near = difflib.get_close_matches(str(name), list(self.hook_dict), n=3, cutoff=0.5)
+            raise KeyError(f"unknown hook name {name!r}; closest hook names of this model: {near}")
+        return name
+
     def hook_point(self, name: str) -> HookPoint:
         """The hook point called ``name``; unknown names raise ``KeyError`` with near matches."""
-        if name not in self.hook_dict:
-            near = difflib.get_close_matches(name, list(self.hook_dict), n=3)
-            raise KeyError(f"unknown hook name {name!r}; did you mean {near}?")
-        return self.hook_dict[name]
+        return self.hook_dict[self.check_hook_name(name)]
+
+    @contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
+        """TransformerLens's temporary-hooks context manager (also behind ``run_with_hooks``); every
+        hook given by name must name a hook point of this model (``KeyError`` with near matches,
+        raised before any hook is added). Names may also be boolean functions of hook names."""
+        fwd_hooks, bwd_hooks = list(fwd_hooks), list(bwd_hooks)
+        for name, _ in fwd_hooks + bwd_hooks:
+            if not callable(name):
+                self.check_hook_name(name)
+        with super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts) as model:
+            yield model
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        """TransformerLens's ``add_hook``; a hook name must name a hook point of this model
+        (``KeyError`` with near matches)."""
+        if not callable(name):
+            self.check_hook_name(name)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     # ---------------------------------------------------------------------------- loaders
     @classmethod

@@ -119,13 +119,14 @@ def precision(model: HookedViT, dtype: torch.dtype | None) -> AbstractContextMan
 
 
 def check_cells(model: HookedViT, cells: Sequence[Sequence[Site]]) -> list[Cell]:
-    """``cells`` as a list of site tuples; ValueError unless every cell holds valid block sites."""
+    """``cells`` as a list of site tuples; ValueError unless every cell holds valid block sites
+    (KeyError with near matches for an unknown hook name)."""
     cells = [tuple(cell) for cell in cells]
     if not cells or any(not cell for cell in cells):
         raise ValueError("cells must be a non-empty list of non-empty site lists")
     for cell in cells:
         for site in cell:
-            check_site(site, model.cfg, model.hook_dict)
+            check_site(site, model)
     return cells
 
 

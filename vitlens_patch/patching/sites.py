@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from vitlens_patch.model.config import ViTConfig
+from vitlens_patch.model.hooked_vit import HookedViT
 
 KIND_HOOKS = {
     "attn": "hook_attn_out", "mlp": "hook_mlp_out", "resid": "hook_resid_post", "resid_pre": "hook_resid_pre",
@@ -44,11 +45,16 @@ Cell = tuple[Site, ...]
 def layer_window(center: int, window: int, n_layers: int) -> range:
     """Layers restored for a centre layer: ``range(max(0, c - w//2), min(L, c - w//2 + w))``.
 
-    Window 3 is l-1, l, l+1; window 10 is ROME's [l-5, l+5). Windows reaching past the first or
-    last layer are clipped.
+    Window 3 is l-1, l, l+1; window 10 is ROME's [l-5, l+5). An even window is asymmetric: it
+    reaches one layer further before the centre than after it (window 4 is l-2, l-1, l, l+1).
+    Windows reaching past the first or last layer are clipped.
+
+    Raises:
+        ValueError: unless 1 <= window <= n_layers (a wider window would restore every layer at
+            every centre, the same cell n_layers times).
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= n_layers:
+        raise ValueError(f"window must be an int in [1, {n_layers}] (the number of layers), got {window!r}")
     start = center - window // 2
     return range(max(0, start), min(n_layers, start + window))
 
@@ -93,10 +99,13 @@ def resolve_positions(positions: PositionSelector, cfg: ViTConfig) -> tuple[int,
     return tuple(sorted(set(indices)))
 
 
-def check_site(site: Site, cfg: ViTConfig, hook_names) -> None:
-    """Raise ValueError if a site names an unknown or non-block hook, or out-of-range heads."""
+def check_site(site: Site, model: HookedViT) -> None:
+    """Raise KeyError (with near matches) if a site names an unknown hook, ValueError if it names
+    a non-block hook or out-of-range heads or positions."""
+    model.check_hook_name(site.hook_name)
+    cfg = model.cfg
     match = BLOCK_HOOK.match(site.hook_name)
-    if site.hook_name not in hook_names or match is None:
+    if match is None:
         raise ValueError(
             f"hook_name must be a block hook of this model such as 'blocks.0.hook_attn_out', "
             f"got {site.hook_name!r}"

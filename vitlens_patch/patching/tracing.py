@@ -74,7 +74,8 @@ def trace_layers(
         model, clean, corrupted: as in :func:`~vitlens_patch.patching.engine.run_restore`.
         kind: "attn" (hook_attn_out), "mlp" (hook_mlp_out), "resid" (hook_resid_post) or
             "resid_pre" (hook_resid_pre).
-        window: layers restored per centre layer (3 = l-1, l, l+1).
+        window: layers restored per centre layer, in [1, n_layers] (3 = l-1, l, l+1; an even
+            window reaches one layer further down than up: 4 = l-2 .. l+1).
         positions: "all" (default), "cls", "patches", token indices or a patch-grid bool mask.
         metric, target, memory_budget_mb, progress: passed to the engine.
         method: "exact" (the engine) or "attribution" (the first-order estimate of

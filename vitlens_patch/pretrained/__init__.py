@@ -96,10 +96,11 @@ def cifar10_vit(
         raise ValueError(
             f"weights must describe a timm VisionTransformer, got timm_class {metadata.get('timm_class')!r}"
         )
-    timm_model = timm.models.vision_transformer.VisionTransformer(**metadata["architecture"])
+    # built on the meta device (no memory, no random initialisation), then given the file's weights
+    timm_model = timm.models.vision_transformer.VisionTransformer(**metadata["architecture"], device="meta")
     # float16 on disk; converted while still on the CPU so no precision is lost before the cast
     state = {key: value.float() for key, value in load_file(str(path)).items()}
-    load_state_dict_strictly(timm_model, state)
+    load_state_dict_strictly(timm_model, state, assign=True)
     model = from_timm(timm_model.eval())
     model.data_config = DataConfig.from_dict(metadata["data_config"])
     model.class_names = tuple(metadata["class_names"])

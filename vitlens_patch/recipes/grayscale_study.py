@@ -347,7 +347,8 @@ def grayscale_study(
         labels: true class per image [image], only when ``data`` is a tensor.
         kind: sub-layer output restored: "attn" (attention outputs, the study's default), "mlp",
             "resid" or "resid_pre" (see :func:`trace_layers`).
-        window: layers restored around each centre layer (3 = l-1, l, l+1; 1 = single layers).
+        window: layers restored around each centre layer, in [1, n_layers] (3 = l-1, l, l+1;
+            1 = single layers; an even window reaches one layer further down than up).
         positions: tokens restored, as in :func:`trace_layers` (default all).
         indices: data set indices to study (default all); :func:`select_per_class` gives a
             balanced subset, e.g. 100 per class.
