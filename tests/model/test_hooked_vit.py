@@ -134,7 +134,7 @@ def test_unknown_hook_name_suggests_near_matches(tiny_model):
         tiny_model.hook_point("blocks.0.hook_resid_pr")
 
 
-TYPO = r"unknown hook name 'blocks.1.attn.hook_patern'; closest hook names of this model: \['blocks.1.attn.hook_pattern'"
+TYPO = r"unknown hook name 'blocks.1.attn.hook_patern'; did you mean \['blocks.1.attn.hook_pattern'"
 
 
 def test_hook_name_typos_raise_key_error_with_near_matches_at_every_entry_point(tiny_model, tiny_images):

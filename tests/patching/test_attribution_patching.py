@@ -193,7 +193,7 @@ def test_batches_give_the_same_estimate(linear_head_model, images):
     (dict(batch_size=0), "batch_size must be a positive int or None, got 0"),
     (dict(batch_size=2.5), "batch_size must be a positive int or None, got 2.5"),
     (dict(cells=[]), "cells must be a non-empty list"),
-    (dict(cells=[[Site("blocks.9.hook_attn_out")]]), "hook_name must be a block hook of this model"),
+    (dict(cells=[[Site("hook_embed")]]), "hook_name must be a block hook of this model"),
     (dict(target=[1, 2]), r"target must be an int or a tensor of shape \[3\]"),
 ])
 def test_bad_input_is_rejected(linear_head_model, images, options, message):
@@ -211,7 +211,7 @@ def test_pattern_terms_reject_an_unknown_patch():
 
 @pytest.mark.parametrize("trace, options", [
     (trace_grid, dict(kind="resid_pre")),
-    (trace_layers, dict(kind="mlp", window=3)),
+    (trace_layers, dict(kind="mlp", window=2)),
     (trace_heads, dict()),
 ])
 def test_traces_take_the_attribution_method(tiny_model, tiny_pair, trace, options):
@@ -274,7 +274,7 @@ def test_bf16_engine_agrees_with_float32():
 def test_trace_rejects_bad_method_options(tiny_model, tiny_pair, options, message):
     clean, corrupted = tiny_pair
     with pytest.raises(ValueError, match=message):
-        trace_layers(tiny_model, clean, corrupted, progress=False, **options)
+        trace_layers(tiny_model, clean, corrupted, window=1, progress=False, **options)
 
 
 def test_engine_rejects_a_bad_selection(tiny_model, tiny_pair):

@@ -169,7 +169,7 @@ def test_bad_sites_and_shapes_raise_value_error(model, images):
         trace_layers(model, clean, corrupted[:2], progress=False)
     with pytest.raises(KeyError, match=r"unknown hook name 'blocks.9.hook_attn_out'.*'blocks.1.hook_attn_out'"):
         run_restore(model, clean, corrupted, [(Site("blocks.9.hook_attn_out"),)], progress=False)
-    with pytest.raises(KeyError, match=r"closest hook names of this model: \['blocks.1.hook_mlp_out'"):
+    with pytest.raises(KeyError, match=r"did you mean \['blocks.1.hook_mlp_out'"):
         run_restore(model, clean, corrupted, [(Site("blocks.1.hook_mlp_ot"),)], progress=False)
     with pytest.raises(ValueError, match="hook_name must be a block hook"):
         run_restore(model, clean, corrupted, [(Site("hook_embed"),)], progress=False)

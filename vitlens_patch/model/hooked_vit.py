@@ -299,7 +299,7 @@ class HookedViT(HookedRootModule):
         """``name`` if it is a hook point of this model, else ``KeyError`` naming the near matches."""
         if not isinstance(name, str) or name not in self.hook_dict:
             near = difflib.get_close_matches(str(name), list(self.hook_dict), n=3, cutoff=0.5)
-            raise KeyError(f"unknown hook name {name!r}; closest hook names of this model: {near}")
+            raise KeyError(f"unknown hook name {name!r}; did you mean {near}?")
         return name
 
     def hook_point(self, name: str) -> HookPoint:
