@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root, for tests.references
 from _timing import block_matmul_flops, matmul_flops_per_second, vit_small  # noqa: E402
 
+from tests.references import caap_per_patch_reference  # noqa: E402
+from vitlens_patch.attribution.caap import caap, default_layers  # noqa: E402
 from vitlens_patch.model import HookedViT  # noqa: E402
-from vitlens_patch.recipes.caap import caap, caap_per_patch_reference, default_layers  # noqa: E402
 
 
 def caap_matmul_flops(model: HookedViT, n_images: int) -> int:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from vitlens_patch import cli
+from vitlens_patch import cli, demo
 from vitlens_patch.data.sample import SAMPLE_DIR
 from vitlens_patch.recipes import GrayscaleStudyResult
 from vitlens_patch.report import Section
@@ -80,7 +80,7 @@ def test_demo_report_has_every_section_and_the_extra_ones(tmp_path):
     def extra(model, sample):
         return [Section("Extra section", f"{len(sample)} images")]
 
-    path = cli.run_demo(tmp_path / "demo.html", n_per_class=1, extra_sections=[extra], progress=False)
+    path = demo.run_demo(tmp_path / "demo.html", n_per_class=1, extra_sections=[extra], progress=False)
     page = path.read_text()
     for title in ("The embedded model", "Causal trace of one image", "Grayscale study on the embedded images",
                   "CAAP and the baselines", "Extra section"):

@@ -9,7 +9,7 @@ from scipy import stats
 
 from tests.conftest import tiny_timm_vit
 from vitlens_patch.attribution import AttentionRollout, RandomAttribution
-from vitlens_patch.data.cifar10 import LabelledImages
+from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.evaluation import METRICS, EvaluationResult, EvaluationSet, evaluate
 from vitlens_patch.metrics import (
     deletion_auc,
@@ -19,7 +19,7 @@ from vitlens_patch.metrics import (
     token_deletion_auc,
 )
 from vitlens_patch.model import HookedViT
-from vitlens_patch.recipes.caap import CAAP, caap
+from vitlens_patch.attribution.caap import CAAP, caap
 
 METHODS = ["rollout", "random", "caap"]
 N_PER_CLASS = 2

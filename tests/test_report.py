@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_timm_vit
-from vitlens_patch.data.cifar10 import LabelledImages
+from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.model import HookedViT
 from vitlens_patch.recipes import grayscale_study
 from vitlens_patch.report import (

@@ -20,7 +20,7 @@ _PUBLIC = {
     "trace_grid": "vitlens_patch.patching",
     "trace_heads": "vitlens_patch.patching",
     "run_study": "vitlens_patch.studies",
-    "caap": "vitlens_patch.recipes",
+    "caap": "vitlens_patch.attribution",
     "caap_layer_sweep": "vitlens_patch.recipes",
     "grayscale_study": "vitlens_patch.recipes",
     "cifar10_vit": "vitlens_patch.pretrained",

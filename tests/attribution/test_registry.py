@@ -1,5 +1,8 @@
 """One table drives every registered method through the same checks (as Captum's tests do)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -11,7 +14,6 @@ from vitlens_patch.attribution import (
     get_attributor,
     register_attributor,
 )
-import vitlens_patch.recipes  # noqa: F401  registers "caap", so the table covers every method
 from vitlens_patch.model import HookedViT
 
 # Options that keep each method fast on the tiny model; methods not listed use their defaults.
@@ -144,7 +146,7 @@ def test_register_attributor_makes_a_method_available(clean_registry, tiny_model
 @pytest.mark.parametrize("name, cls, message", [
     ("", Attributor, "name must be a non-empty str"),
     ("thing", object, "cls must be an Attributor subclass"),
-    ("thing", "vitlens_patch.recipes.caap:CAAP", "cls must be an Attributor subclass"),
+    ("thing", "vitlens_patch.attribution.caap:CAAP", "cls must be an Attributor subclass"),
 ])
 def test_register_attributor_rejects_bad_input(name, cls, message, clean_registry):
     with pytest.raises(ValueError, match=message):
@@ -180,3 +182,25 @@ def test_attribute_all_method_options_override_shared_options(tiny_model, tiny_i
     maps = attribute_all(tiny_model, tiny_images, ["random", "rollout"], upsample="bilinear",
                          method_options={"random": {"upsample": False}})
     assert maps["random"].shape == (3, 4, 4) and maps["rollout"].shape == (3, 32, 32)
+
+
+def test_registry_is_complete_in_a_fresh_interpreter():
+    """get_attributor("caap") and attribute_all need no import beyond vitlens_patch.attribution."""
+    code = """
+import timm, torch
+from vitlens_patch.attribution import ATTRIBUTORS, attribute_all, get_attributor
+from vitlens_patch.attribution.caap import CAAP
+from vitlens_patch.model import HookedViT
+torch.manual_seed(0)
+vit = timm.models.vision_transformer.VisionTransformer(
+    img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+model = HookedViT.from_timm(vit)
+assert isinstance(get_attributor("caap", model, progress=False), CAAP)
+maps = attribute_all(model, torch.randn(2, 3, 32, 32), progress=False,
+                     method_options={"integrated_gradients": {"n_steps": 2}})
+assert "caap" in maps and maps["caap"].shape == (2, 4, 4), sorted(maps)
+print(sorted(ATTRIBUTORS))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "'caap'" in done.stdout

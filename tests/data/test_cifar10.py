@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlens_patch.data.cifar10 import load_image_folder, paste_on_canvas, resize_images
+from vitlens_patch.data.cifar10 import paste_on_canvas, resize_images
+from vitlens_patch.data.folder import load_image_folder
 from vitlens_patch.metrics import boxes_to_masks
 
 

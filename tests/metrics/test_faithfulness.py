@@ -12,7 +12,7 @@ from vitlens_patch.metrics import (
 )
 from vitlens_patch.model import HookedViT
 from vitlens_patch.model.preprocess import DataConfig
-from vitlens_patch.patching.corruptions import gaussian_blur
+from vitlens_patch.images import gaussian_blur
 
 # Rectangular 16x24 images with 8-pixel patches (grid 2x3) catch height/width mix-ups;
 # ImageNet statistics catch a forgotten (de)normalisation.

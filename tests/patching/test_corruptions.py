@@ -1,20 +1,15 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
+from vitlens_patch.images import gaussian_blur
 from vitlens_patch.model.preprocess import DataConfig
 from vitlens_patch.patching.corruptions import (
     CORRUPTIONS,
-    EmbeddingNoise,
     corrupt,
     corrupt_blur,
     corrupt_grayscale,
     corrupt_patches,
     corrupt_pixel_noise,
-    embedding_noise,
-    gaussian_blur,
-    measure_embedding_std,
-    patch_mask,
 )
 
 # ImageNet statistics: far enough from (0.5, 0.5) that forgetting to denormalise shows
@@ -29,13 +24,6 @@ def pixels() -> torch.Tensor:
 @pytest.fixture
 def images(pixels) -> torch.Tensor:
     return DATA_CONFIG.normalize(pixels)
-
-
-def hook_embed_of(model, images, fwd_hooks=()):
-    """hook_embed activations, with ``fwd_hooks`` applied to the run."""
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
-        _, cache = model.run_with_cache(images, names_filter="hook_embed")
-    return cache["hook_embed"]
 
 
 # ------------------------------------------------------------------------------ grayscale
@@ -96,22 +84,6 @@ def test_pixel_noise_rejects_negative_std(images):
 
 
 # ----------------------------------------------------------------------------------- blur
-def test_gaussian_blur_matches_a_direct_2d_convolution(pixels):
-    sigma, size = 1.5, 7
-    offsets = torch.arange(size, dtype=torch.float32) - size // 2
-    kernel_1d = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel_2d = torch.outer(kernel_1d, kernel_1d) / kernel_1d.sum() ** 2
-    direct = F.conv2d(pixels, kernel_2d.expand(3, 1, size, size), groups=3)  # no padding: interior
-    blurred = gaussian_blur(pixels, sigma=sigma, kernel_size=size)
-    assert torch.allclose(blurred[..., 3:-3, 3:-3], direct, atol=1e-5)
-
-
-def test_gaussian_blur_keeps_constant_images_and_smooths(pixels):
-    constant = torch.full((1, 3, 16, 16), 0.3)
-    assert torch.allclose(gaussian_blur(constant, sigma=20.0), constant, atol=1e-6)
-    assert gaussian_blur(pixels, sigma=2.0).std() < pixels.std() / 2
-
-
 def test_blur_acts_in_pixel_space(pixels, images):
     blurred = DATA_CONFIG.denormalize(corrupt_blur(images, DATA_CONFIG, sigma=1.0))
     assert torch.allclose(blurred, gaussian_blur(pixels, sigma=1.0), atol=1e-5)
@@ -128,30 +100,6 @@ def test_blur_acts_in_pixel_space(pixels, images):
 def test_blur_rejects_bad_arguments(images, kwargs, message):
     with pytest.raises(ValueError, match=message):
         corrupt_blur(images, DATA_CONFIG, **kwargs)
-
-
-# ------------------------------------------------------------------------ patch masking
-def test_patch_mask_from_indices_and_bools():
-    mask = patch_mask([0, 5], (2, 3))
-    assert mask.shape == (1, 2, 3)
-    assert mask.flatten().nonzero().flatten().tolist() == [0, 5]
-    per_image = torch.zeros(4, 2, 3, dtype=torch.bool)
-    assert patch_mask(per_image, (2, 3)).shape == (4, 2, 3)
-    assert not patch_mask([], (2, 3)).any()
-
-
-@pytest.mark.parametrize(
-    "patches, message",
-    [
-        ([0, 16], r"patches must be patch indices in \[0, 15\], got \[16\]"),
-        ([-1], r"patches must be patch indices in \[0, 15\], got \[-1\]"),
-        (torch.zeros(3, 4, dtype=torch.bool), r"a bool patches mask must have shape \[4, 4\]"),
-        (torch.tensor([1.5]), "patches must be integer patch indices or a bool mask"),
-    ],
-)
-def test_patch_mask_rejects_bad_patches(patches, message):
-    with pytest.raises(ValueError, match=message):
-        patch_mask(patches, (4, 4))
 
 
 def _patch_pixels(x, patch, patch_size=8, grid_w=4):
@@ -219,83 +167,3 @@ def test_corrupt_rejects_unknown_names_and_bad_callables(tiny_model, tiny_images
         corrupt(tiny_model, tiny_images, "sepia")
     with pytest.raises(ValueError, match=r"shaped like images \(3, 3, 32, 32\), got \(3, 3\)"):
         corrupt(tiny_model, tiny_images, lambda x: x[:, :, 0, 0])
-
-
-# ------------------------------------------------------------------------ embedding noise
-def test_embedding_noise_s3_uses_the_measured_std(tiny_model, tiny_images):
-    measured = hook_embed_of(tiny_model, tiny_images).std().item()
-    assert measure_embedding_std(tiny_model, tiny_images) == pytest.approx(measured)
-    noise = embedding_noise(tiny_model, level="s3", reference=tiny_images)
-    assert noise.std == pytest.approx(3 * measured)
-    half = embedding_noise(tiny_model, level="s0.5", reference=tiny_images)
-    assert half.std == pytest.approx(0.5 * measured)
-    # and the drawn noise has that standard deviation
-    wide = embedding_noise(tiny_model, level="s3", reference=tiny_images, n_images=64)
-    assert wide.noise.std().item() == pytest.approx(3 * measured, rel=0.05)
-
-
-def test_embedding_noise_numeric_level_is_the_std(tiny_model):
-    noise = embedding_noise(tiny_model, level=0.25)
-    assert noise.std == 0.25
-    assert noise.noise.shape == (1, 16, tiny_model.cfg.d_model)
-    assert noise.noise.device == tiny_model.device and noise.noise.dtype == tiny_model.dtype
-
-
-def test_embedding_noise_touches_only_the_chosen_patches(tiny_model, tiny_images):
-    noise = embedding_noise(tiny_model, patches=[2, 7], level=1.0)
-    assert noise.hook[0] == "hook_embed"
-    clean = hook_embed_of(tiny_model, tiny_images)
-    noisy = hook_embed_of(tiny_model, tiny_images, [noise.hook])
-    changed = (noisy - clean).abs().amax(dim=(0, 2)) > 0
-    assert changed.nonzero().flatten().tolist() == [2, 7]
-    # one draw shared by every image by default
-    assert torch.allclose(noisy[0] - clean[0], noisy[2] - clean[2], atol=1e-6)
-
-
-def test_embedding_noise_is_reproducible(tiny_model, tiny_images):
-    first = embedding_noise(tiny_model, level="s3", reference=tiny_images, seed=5)
-    again = embedding_noise(tiny_model, level="s3", reference=tiny_images, seed=5)
-    other = embedding_noise(tiny_model, level="s3", reference=tiny_images, seed=6)
-    assert torch.equal(first.noise, again.noise)
-    assert not torch.allclose(first.noise, other.noise)
-    logits = [tiny_model.run_with_hooks(tiny_images, fwd_hooks=[n.hook]) for n in (first, again)]
-    assert torch.equal(logits[0], logits[1])
-    assert not torch.allclose(logits[0], tiny_model(tiny_images))
-
-
-def test_embedding_noise_per_image_and_stacked_copies(tiny_model, tiny_images):
-    noise = embedding_noise(tiny_model, level=1.0, n_images=3)
-    assert not torch.allclose(noise.noise[0], noise.noise[1])
-    stacked = torch.cat([tiny_images] * 2)
-    delta = hook_embed_of(tiny_model, stacked, [noise.hook]) - hook_embed_of(tiny_model, stacked)
-    assert torch.allclose(delta[:3], noise.noise, atol=1e-5)
-    assert torch.allclose(delta[3:], noise.noise, atol=1e-5)
-    with pytest.raises(ValueError, match="batch must be a multiple of the noise batch 3, got 2"):
-        noise.add_noise(torch.zeros(2, 16, tiny_model.cfg.d_model))
-
-
-def test_embedding_noise_per_image_patch_masks(tiny_model):
-    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
-    mask[0, 0, 0] = mask[1, 0, 1] = True
-    noise = embedding_noise(tiny_model, patches=mask, level=1.0)
-    assert isinstance(noise, EmbeddingNoise)
-    assert (noise.noise.abs().amax(dim=-1) > 0).tolist() == [
-        [p == 0 for p in range(16)], [p == 1 for p in range(16)]
-    ]
-    with pytest.raises(ValueError, match="n_images must match the 2 per-image patches masks, got 3"):
-        embedding_noise(tiny_model, patches=mask, level=1.0, n_images=3)
-
-
-@pytest.mark.parametrize("level", ["x3", "s", "3", "s-1", "s3x", -0.5, float("nan")])
-def test_embedding_noise_rejects_malformed_levels(tiny_model, tiny_images, level):
-    with pytest.raises(ValueError, match="level must be a number >= 0 or \"sK\""):
-        embedding_noise(tiny_model, level=level, reference=tiny_images)
-
-
-def test_embedding_noise_rejects_other_bad_arguments(tiny_model):
-    with pytest.raises(ValueError, match="reference images must be given .* level 's3'"):
-        embedding_noise(tiny_model, level="s3")
-    with pytest.raises(ValueError, match="n_images must be >= 1 or None, got 0"):
-        embedding_noise(tiny_model, level=1.0, n_images=0)
-    with pytest.raises(ValueError, match=r"patches must be patch indices in \[0, 15\], got \[16\]"):
-        embedding_noise(tiny_model, patches=[16], level=1.0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_timm_vit
-from vitlens_patch.data.cifar10 import LabelledImages, canvas_test_set
+from vitlens_patch.data.cifar10 import canvas_test_set
+from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.data.sample import SAMPLE_DIR
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_grayscale

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_timm_vit
-from vitlens_patch.data.cifar10 import LabelledImages
+from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_grayscale
 from vitlens_patch.patching.tracing import trace_layers

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import vitlens_patch
-from vitlens_patch.studies import model_fingerprint, read_study, run_study, select_per_class, stack_column
+from vitlens_patch.data.folder import select_per_class
+from vitlens_patch.studies import model_fingerprint, read_study, run_study, stack_column
 
 SCRIPT = Path(__file__).with_name("torchrun_study.py")
 _spec = importlib.util.spec_from_file_location("torchrun_study", SCRIPT)

@@ -9,6 +9,7 @@ subclass ``Attributor`` and call ``register_attributor(name, cls)``.
 
 from vitlens_patch.attribution.attention import AttentionRollout, CheferAttention
 from vitlens_patch.attribution.base import Attributor, make_baseline, patches_to_grid, upsample_maps
+from vitlens_patch.attribution.caap import CAAP, caap
 from vitlens_patch.attribution.gradients import GradCAM, IntegratedGradients
 from vitlens_patch.attribution.perturbation import Occlusion
 from vitlens_patch.attribution.registry import ATTRIBUTORS, attribute_all, get_attributor, register_attributor
@@ -16,6 +17,7 @@ from vitlens_patch.attribution.sanity import RandomAttribution
 
 __all__ = [
     "ATTRIBUTORS",
+    "CAAP",
     "AttentionRollout",
     "Attributor",
     "CheferAttention",
@@ -24,6 +26,7 @@ __all__ = [
     "Occlusion",
     "RandomAttribution",
     "attribute_all",
+    "caap",
     "get_attributor",
     "make_baseline",
     "patches_to_grid",

@@ -9,14 +9,15 @@ from torch import Tensor
 
 from vitlens_patch.attribution.attention import AttentionRollout, CheferAttention
 from vitlens_patch.attribution.base import Attributor, Target
+from vitlens_patch.attribution.caap import CAAP
 from vitlens_patch.attribution.gradients import GradCAM, IntegratedGradients
 from vitlens_patch.attribution.perturbation import Occlusion
 from vitlens_patch.attribution.sanity import RandomAttribution
 from vitlens_patch.model import HookedViT
 
-# name -> Attributor subclass; extend with register_attributor (CAAP registers itself as "caap"
-# when vitlens_patch.recipes.caap is imported).
+# name -> Attributor subclass, complete on import; extend with register_attributor.
 ATTRIBUTORS: dict[str, type[Attributor]] = {
+    "caap": CAAP,
     "rollout": AttentionRollout,
     "chefer": CheferAttention,
     "gradcam": GradCAM,

@@ -1,4 +1,6 @@
-"""CIFAR-10 images as uint8 tensors, and the canvas images with a known object box.
+"""CIFAR-10 class names and the canvas images with a known object box.
+
+Images are read with :func:`vitlens_patch.data.folder.load_image_folder`.
 
 Two input kinds are used throughout the project:
 
@@ -9,93 +11,15 @@ Two input kinds are used throughout the project:
 
 from __future__ import annotations
 
-import io
-import tarfile
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
+
+from vitlens_patch.data.folder import LabelledImages
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-@dataclass(frozen=True)
-class LabelledImages:
-    """A set of images held in memory.
-
-    Attributes:
-        images: uint8 tensor [batch, channel, height, width].
-        labels: int64 tensor [batch].
-        class_names: class index -> name (alphabetical folder order, as ImageFolder).
-    """
-
-    images: Tensor
-    labels: Tensor
-    class_names: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices: Tensor | list[int]) -> "LabelledImages":
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        return LabelledImages(self.images[indices], self.labels[indices], self.class_names)
-
-
-def _decode(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def _stack(items: list[tuple[str, str, np.ndarray]]) -> LabelledImages:
-    items.sort(key=lambda item: (item[0], item[1]))
-    class_names = tuple(sorted({cls for cls, _, _ in items}))
-    index = {name: i for i, name in enumerate(class_names)}
-    images = torch.from_numpy(np.stack([array for _, _, array in items])).permute(0, 3, 1, 2)
-    labels = torch.tensor([index[cls] for cls, _, _ in items], dtype=torch.long)
-    return LabelledImages(images.contiguous(), labels, class_names)
-
-
-def load_image_folder(path: str | Path, split: str | None = None) -> LabelledImages:
-    """Load an ImageFolder-layout directory, or a ``.tar.gz`` archive of one, into memory.
-
-    Args:
-        path: a folder ``<class>/<image>`` or an archive such as ``../shared/data/cifar10/test.tar.gz``
-            (read without unpacking; files are grouped by their parent folder name).
-        split: for archives holding several splits, keep only members whose path contains
-            ``/{split}/``.
-
-    Returns:
-        LabelledImages with classes in alphabetical order. All images must share one size.
-    """
-    path = Path(path)
-    items: list[tuple[str, str, np.ndarray]] = []
-    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
-        with tarfile.open(path) as archive:
-            for member in archive:
-                name = member.name
-                if not member.isfile() or not name.lower().endswith(IMAGE_SUFFIXES):
-                    continue
-                if split is not None and f"/{split}/" not in f"/{name}":
-                    continue
-                parts = name.split("/")
-                items.append((parts[-2], parts[-1], _decode(archive.extractfile(member).read())))
-    elif path.is_dir():
-        for file in path.glob("*/*"):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                items.append((file.parent.name, file.name, _decode(file.read_bytes())))
-    else:
-        raise ValueError(f"path must be an image folder or a .tar.gz archive, got {str(path)!r}")
-    if not items:
-        raise ValueError(f"path holds no images in <class>/<image> layout: {str(path)!r}")
-    return _stack(items)
-
-
 def resize_images(images: Tensor, size: int) -> Tensor:
     """uint8 or float [batch, channel, h, w] -> float in [0, 1], [batch, channel, size, size]."""
     images = images.float() / 255 if images.dtype == torch.uint8 else images.float()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vitlens_patch.data.cifar10 import LabelledImages, load_image_folder
+from vitlens_patch.data.folder import LabelledImages, load_image_folder
 
 SAMPLE_DIR = Path(__file__).with_name("sample")
 

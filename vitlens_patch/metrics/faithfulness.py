@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vitlens_patch.metrics.localization import _check_maps, _check_tiling, _resample_maps
-from vitlens_patch.patching.corruptions import gaussian_blur
+from vitlens_patch.images import gaussian_blur
 
 if TYPE_CHECKING:
     from vitlens_patch.model import HookedViT

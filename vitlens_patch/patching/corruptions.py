@@ -9,9 +9,8 @@ Two kinds:
   :func:`corrupt_grayscale`, :func:`corrupt_pixel_noise`, :func:`corrupt_blur`,
   :func:`corrupt_patches`. :func:`corrupt` applies one by name (:data:`CORRUPTIONS`) or a user's
   own ``images -> images`` callable.
-- *embedding noise* in the style of ROME's causal tracing: Gaussian noise added to the patch
-  embeddings at ``hook_embed``. It is not a function of the images but a forward hook for the
-  corrupted run: :func:`embedding_noise` returns an :class:`EmbeddingNoise` holding the hook.
+- *embedding noise* in the style of ROME's causal tracing is not a function of the images but a
+  forward hook for the corrupted run: :mod:`vitlens_patch.patching.embedding_noise`.
 
 Every random corruption takes an explicit ``seed`` and draws from its own ``torch.Generator`` on the
 CPU, so results are reproducible across calls and devices.
@@ -19,16 +18,13 @@ CPU, so results are reproducible across calls and devices.
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 import torch
-import torch.nn.functional as F
-from einops import einsum, rearrange, repeat
-from jaxtyping import Bool, Float
+from einops import einsum, repeat
+from jaxtyping import Float
 from torch import Tensor
 
+from vitlens_patch.images import PatchSpec, gaussian_blur, patch_mask, seeded_normal
 from vitlens_patch.model import HookedViT
 from vitlens_patch.model.preprocess import DataConfig
 
@@ -37,7 +33,6 @@ BT601_LUMA = (0.299, 0.587, 0.114)
 FILLS = ("zeros", "mean", "blur")
 
 ImageBatch = Float[Tensor, "batch channel height width"]
-PatchSpec = Sequence[int] | Tensor
 
 
 def _check_images(images: Tensor, data_config: DataConfig) -> None:
@@ -55,43 +50,6 @@ def _in_pixel_space(
     """Denormalise, apply ``corrupt_pixels`` to the [0, 1] pixels, normalise again."""
     _check_images(images, data_config)
     return data_config.normalize(corrupt_pixels(data_config.denormalize(images)))
-
-
-def _seeded_normal(
-    shape: Sequence[int], seed: int, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    # drawn on the CPU so a seed gives the same numbers on every device
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(shape), generator=generator).to(device=device, dtype=dtype)
-
-
-def gaussian_blur(
-    x: Float[Tensor, "batch channel height width"], *, sigma: float, kernel_size: int | None = None
-) -> Float[Tensor, "batch channel height width"]:
-    """Separable Gaussian blur of any [batch, channel, height, width] tensor, channel by channel.
-
-    Args:
-        sigma: standard deviation of the Gaussian in pixels, > 0.
-        kernel_size: odd kernel width; default ``2 * ceil(3 * sigma) + 1`` (covers +-3 sigma).
-
-    Borders are padded by replicating the edge pixels, so a constant image stays constant.
-    """
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    if kernel_size is None:
-        kernel_size = 2 * math.ceil(3 * sigma) + 1
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
-    radius = kernel_size // 2
-    offsets = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - radius
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    # one depthwise 1-D pass along the width, then one along the height
-    horizontal = repeat(kernel, "k -> channel 1 1 k", channel=channels)
-    vertical = repeat(kernel, "k -> channel 1 k 1", channel=channels)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), horizontal, groups=channels)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), vertical, groups=channels)
 
 
 def corrupt_grayscale(images: ImageBatch, data_config: DataConfig) -> ImageBatch:
@@ -130,7 +88,7 @@ def corrupt_pixel_noise(
         raise ValueError(f"std must be >= 0, got {std}")
 
     def add_noise(pixels: Tensor) -> Tensor:
-        noise = _seeded_normal(pixels.shape, seed, pixels.device, pixels.dtype)
+        noise = seeded_normal(pixels.shape, seed, pixels.device, pixels.dtype)
         return (pixels + std * noise).clamp(0, 1)
 
     return _in_pixel_space(images, data_config, add_noise)
@@ -149,45 +107,6 @@ def corrupt_blur(
         data_config,
         lambda pixels: gaussian_blur(pixels, sigma=sigma, kernel_size=kernel_size),
     )
-
-
-def patch_mask(
-    patches: PatchSpec, grid_size: tuple[int, int]
-) -> Bool[Tensor, "mask_batch grid_h grid_w"]:
-    """Boolean mask over the patch grid from a patch specification.
-
-    Args:
-        patches: patch indices (row-major: patch ``p`` sits at grid ``divmod(p, grid_w)``, token
-            ``n_prefix_tokens + p``), or a bool mask [grid_h, grid_w] (same for every image) or
-            [batch, grid_h, grid_w] (one per image).
-        grid_size: (grid_h, grid_w).
-
-    Returns:
-        Bool [1, grid_h, grid_w] or [batch, grid_h, grid_w].
-    """
-    grid_h, grid_w = grid_size
-    n_patches = grid_h * grid_w
-    patches = torch.as_tensor(patches).cpu()
-    if patches.dtype == torch.bool:
-        if patches.ndim not in (2, 3) or tuple(patches.shape[-2:]) != (grid_h, grid_w):
-            raise ValueError(
-                f"a bool patches mask must have shape [{grid_h}, {grid_w}] or [batch, {grid_h}, "
-                f"{grid_w}], got {tuple(patches.shape)}"
-            )
-        return patches.reshape(-1, grid_h, grid_w)
-    if patches.numel() and (patches.is_floating_point() or patches.is_complex()):
-        raise ValueError(
-            f"patches must be integer patch indices or a bool mask, got dtype {patches.dtype}"
-        )
-    indices = patches.long().reshape(-1)
-    out_of_range = indices[(indices < 0) | (indices >= n_patches)]
-    if len(out_of_range):
-        raise ValueError(
-            f"patches must be patch indices in [0, {n_patches - 1}], got {out_of_range.tolist()}"
-        )
-    mask = torch.zeros(n_patches, dtype=torch.bool)
-    mask[indices] = True
-    return rearrange(mask, "(one grid_h grid_w) -> one grid_h grid_w", one=1, grid_w=grid_w)
 
 
 def corrupt_patches(
@@ -286,114 +205,3 @@ def corrupt(
             f"corruption must return a tensor shaped like images {tuple(images.shape)}, got {got}"
         )
     return corrupted
-
-
-@dataclass(frozen=True)
-class EmbeddingNoise:
-    """Gaussian noise added to patch embeddings at ``hook_embed`` during the corrupted run.
-
-    Attributes:
-        noise: [noise_batch, n_patches, d_model] noise, already scaled by ``std`` and zero outside
-            the chosen patches. ``noise_batch`` is 1 (one draw shared by every image) or the
-            number of images (one draw per image).
-        std: the resolved noise standard deviation.
-        level: the level as given (a number or ``"sK"``).
-    """
-
-    noise: Float[Tensor, "noise_batch n_patches d_model"]
-    std: float
-    level: float | str
-
-    def add_noise(
-        self, embed: Float[Tensor, "batch n_patches d_model"], hook=None
-    ) -> Float[Tensor, "batch n_patches d_model"]:
-        """``embed + noise``, the forward hook on ``hook_embed``.
-
-        A batch of ``k`` stacked copies of the images, ``torch.cat([images] * k)`` (the layout of a
-        batched engine running several restorations at once), gets the same noise in every copy.
-        """
-        noise_batch, batch = len(self.noise), len(embed)
-        if batch % noise_batch:
-            raise ValueError(
-                f"hook_embed batch must be a multiple of the noise batch {noise_batch}, got {batch}"
-            )
-        noise = repeat(
-            self.noise, "batch pos d_model -> (copies batch) pos d_model", copies=batch // noise_batch
-        )
-        return embed + noise.to(device=embed.device, dtype=embed.dtype)
-
-    @property
-    def hook(self) -> tuple[str, Callable]:
-        """TransformerLens forward hook ``("hook_embed", fn)``, for ``fwd_hooks=[noise.hook]``."""
-        return ("hook_embed", self.add_noise)
-
-
-_RELATIVE_LEVEL = re.compile(r"s(\d+(?:\.\d*)?|\.\d+)")
-
-
-@torch.no_grad()
-def measure_embedding_std(model: HookedViT, reference: ImageBatch) -> float:
-    """Standard deviation of all ``hook_embed`` activations over ``reference`` (ROME's noise unit).
-
-    Args:
-        reference: normalised images [batch, channel, height, width].
-    """
-    _, cache = model.run_with_cache(reference, names_filter="hook_embed")
-    return cache["hook_embed"].float().std().item()
-
-
-def embedding_noise(
-    model: HookedViT,
-    *,
-    patches: PatchSpec | None = None,
-    level: float | str = "s3",
-    reference: ImageBatch | None = None,
-    n_images: int | None = None,
-    seed: int = 0,
-) -> EmbeddingNoise:
-    """ROME-style embedding noise: Gaussian noise on chosen patch embeddings at ``hook_embed``.
-
-    Args:
-        model: the HookedViT to corrupt; gives the grid, ``d_model``, device and dtype.
-        patches: which patches get noise, as in :func:`patch_mask` (patch indices, not token
-            positions: ``hook_embed`` holds patch tokens only); default every patch.
-        level: noise standard deviation: a number >= 0, or ``"sK"`` for ``K`` times the standard
-            deviation of the ``hook_embed`` activations over ``reference`` (ROME uses ``"s3"``).
-        reference: normalised images [batch, channel, height, width] to measure that standard
-            deviation on; required for ``"sK"`` levels.
-        n_images: number of images to be corrupted, to give each its own noise draw; default the
-            batch of a per-image ``patches`` mask, else 1: one draw shared by every image. Batches
-            of stacked copies of the images are supported (see :meth:`EmbeddingNoise.add_noise`).
-        seed: seeds the noise draw; the same seed and arguments give the same noise.
-
-    Returns:
-        An :class:`EmbeddingNoise`; pass ``[noise.hook]`` as forward hooks of the corrupted run.
-    """
-    relative = _RELATIVE_LEVEL.fullmatch(level) if isinstance(level, str) else None
-    if relative is None and (isinstance(level, str) or not level >= 0):
-        raise ValueError(
-            f'level must be a number >= 0 or "sK" with K a number (e.g. "s3"), got {level!r}'
-        )
-    if n_images is not None and n_images < 1:
-        raise ValueError(f"n_images must be >= 1 or None, got {n_images}")
-    grid_h, grid_w = model.cfg.grid_size
-    if patches is None:
-        mask = torch.ones(1, grid_h, grid_w, dtype=torch.bool)
-    else:
-        mask = patch_mask(patches, (grid_h, grid_w))
-    noise_batch = n_images or len(mask)
-    if len(mask) not in (1, noise_batch):
-        raise ValueError(f"n_images must match the {len(mask)} per-image patches masks, got {n_images}")
-    if relative is None:
-        std = float(level)
-    elif reference is None:
-        raise ValueError(
-            f"reference images must be given to measure the embedding std for level {level!r}"
-        )
-    else:
-        std = float(relative.group(1)) * measure_embedding_std(model, reference)
-    noise = std * _seeded_normal(
-        (noise_batch, grid_h * grid_w, model.cfg.d_model), seed, model.device, model.dtype
-    )
-    selected = rearrange(mask, "batch grid_h grid_w -> batch (grid_h grid_w) 1").to(model.device)
-    return EmbeddingNoise(noise=noise * selected, std=std, level=level)

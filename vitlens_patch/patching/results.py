@@ -18,8 +18,9 @@ import torch
 from jaxtyping import Bool, Float
 from safetensors import safe_open
 from safetensors.torch import save_file
-from scipy import stats
 from torch import Tensor
+
+from vitlens_patch.statistics import student_t_half_width
 
 _METADATA_KEY = "vitlens_patch.TraceResult"
 _FORMAT_VERSION = 1
@@ -188,17 +189,13 @@ class TraceResult:
         of freedom and ``sd`` the sample standard deviation; it is NaN where ``count < 2`` (one
         image gives no spread) and the mean is NaN where ``count == 0``.
         """
-        if not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
         effects = self.effects.detach().cpu().double()
         valid = ~effects.isnan()
         count = valid.sum(dim=0)
         mean = effects.nansum(dim=0) / count  # 0 / 0 -> NaN for empty cells
         squares = torch.where(valid, (effects - mean) ** 2, 0.0).sum(dim=0)
         sd = (squares / (count - 1)).sqrt()
-        dof = torch.where(count >= 2, count - 1, torch.nan)
-        t = torch.from_numpy(stats.t.ppf((1 + confidence) / 2, dof.numpy()))
-        half_width = torch.where(count >= 2, t * sd / count.sqrt(), torch.nan)
+        half_width = torch.from_numpy(student_t_half_width(sd.numpy(), count.numpy(), confidence))
         dtype = self.effects.dtype
         return TraceMean(
             mean=mean.to(dtype),

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from vitlens_patch.conversion.checks import load_state_dict_strictly
 from vitlens_patch.conversion.timm import from_timm
-from vitlens_patch.data.cifar10 import LabelledImages
+from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.data.sample import load_sample
 from vitlens_patch.model import DataConfig, HookedViT
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from vitlens_patch.data.cifar10 import load_image_folder, paste_on_canvas, resize_images
+from vitlens_patch.data.cifar10 import paste_on_canvas, resize_images
+from vitlens_patch.data.folder import load_image_folder
 
 ARCHITECTURE = dict(
     img_size=64, patch_size=8, num_classes=10, embed_dim=128, depth=12, num_heads=4, mlp_ratio=3.0

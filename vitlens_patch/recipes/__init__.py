@@ -2,14 +2,11 @@
 
 - :func:`grayscale_study`: which layers carry colour information (colour = clean, grayscale =
   corrupted), per layer, per class and per image, with colour vs grayscale accuracy.
-- :func:`caap` / :class:`CAAP`: Causal Attribution via Activation Patching, and
-  :func:`caap_layer_sweep` to choose its block range.
+- :func:`caap_layer_sweep`: CAAP's block range chosen by a faithfulness metric (CAAP itself is the
+  attribution method :func:`vitlens_patch.attribution.caap`).
 """
 
-from vitlens_patch.recipes.caap import CAAP, LayerSweepResult, caap, caap_layer_sweep
+from vitlens_patch.recipes.caap_sweep import LayerSweepResult, caap_layer_sweep
 from vitlens_patch.recipes.grayscale_study import GrayscaleStudyResult, grayscale_study, measure_grayscale
 
-__all__ = [
-    "CAAP", "GrayscaleStudyResult", "LayerSweepResult", "caap", "caap_layer_sweep", "grayscale_study",
-    "measure_grayscale",
-]
+__all__ = ["GrayscaleStudyResult", "LayerSweepResult", "caap_layer_sweep", "grayscale_study", "measure_grayscale"]

@@ -37,7 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from vitlens_patch.data.cifar10 import LabelledImages
+from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_grayscale
 from vitlens_patch.patching.results import TraceResult, read_saved_metadata

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from vitlens_patch.data.cifar10 import LabelledImages, load_image_folder
+from vitlens_patch.data.folder import LabelledImages, load_image_folder
 
 RESULTS_FILE = "results.parquet"
 SETTINGS_FILE = "study.json"
@@ -79,9 +79,9 @@ def run_study(
             eval mode first; under torchrun with GPUs, each rank puts it on ``cuda:{LOCAL_RANK}``.
         dataset: one of
             - a path to an ImageFolder-layout folder ``<class>/<image>`` or a ``.tar.gz`` archive of
-              one, read into memory with :func:`vitlens_patch.data.cifar10.load_image_folder`
+              one, read into memory with :func:`vitlens_patch.data.folder.load_image_folder`
               (classes in alphabetical order; all images of one size);
-            - a :class:`~vitlens_patch.data.cifar10.LabelledImages`;
+            - a :class:`~vitlens_patch.data.folder.LabelledImages`;
             - any map-style torch Dataset whose items are ``(image, label)`` pairs. A floating-point
               tensor image is taken as model input, already preprocessed [C, H, W]; anything else
               (PIL image, uint8 tensor [C, H, W] or array [H, W, C]) goes through
@@ -97,7 +97,7 @@ def run_study(
             ``torch.no_grad()`` unless it needs gradients.
         out: directory for the part files and ``results.parquet`` (created if missing).
         batch_size: images per call of ``measure``; also the unit of storage.
-        indices: data set indices to study (default: all); see :func:`select_per_class`. Results
+        indices: data set indices to study (default: all); see :func:`vitlens_patch.data.folder.select_per_class`. Results
             already stored for other indices are kept on disk but left out of the returned frame, so
             a study can be extended to a superset later without recomputation.
         with_indices: call ``measure(model, images, labels, indices=...)`` with the int64 data set
@@ -201,37 +201,6 @@ def stack_column(results: pd.DataFrame, column: str) -> Shaped[Tensor, "image *k
     if column not in results.columns:
         raise ValueError(f"column must be one of {list(results.columns)}, got {column!r}")
     return torch.from_numpy(np.stack(results[column].to_numpy()))
-
-
-def select_per_class(
-    labels: Int[Tensor, " image"] | Sequence[int], n: int, *, seed: int | None = 0
-) -> list[int]:
-    """Pick ``n`` images of every class, deterministically: the ``indices`` of a balanced study.
-
-    Args:
-        labels: class label of every image [image], e.g. ``LabelledImages.labels`` or
-            ``torchvision.datasets.ImageFolder(root).targets``.
-        n: images per class.
-        seed: seeds a random choice within each class; ``None`` takes each class's first ``n``.
-
-    Returns:
-        Sorted data set indices, ``n`` per class.
-    """
-    labels = torch.as_tensor(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D [image], got shape {tuple(labels.shape)}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    chosen: list[int] = []
-    for label in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == label).flatten()
-        if len(members) < n:
-            raise ValueError(f"n must be <= {len(members)}, the size of class {label}, got {n}")
-        if generator is not None:
-            members = members[torch.randperm(len(members), generator=generator)]
-        chosen.extend(members[:n].tolist())
-    return sorted(chosen)
 
 
 def _measure_shard(

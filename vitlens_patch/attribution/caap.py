@@ -9,25 +9,18 @@ run, context = its corrupted run, one cell per patch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from vitlens_patch.attribution.base import Attributor, Target
-from vitlens_patch.attribution.registry import register_attributor
-from vitlens_patch.metrics import deletion_auc, insertion_auc
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_blur
 from vitlens_patch.patching.attribution_patching import METHODS, restore_cells
-from vitlens_patch.patching.scores import resolve_target
 from vitlens_patch.patching.sites import Site
 
 CONTEXTS = ("blur", "zeros", "mean")
@@ -63,7 +56,8 @@ def context_images(
     raise ValueError(f"context must be one of {CONTEXTS} or an image tensor, got {context!r}")
 
 
-def _check_layers(layers: tuple[int, int] | None, n_layers: int) -> tuple[int, int]:
+def check_block_range(layers: tuple[int, int] | None, n_layers: int) -> tuple[int, int]:
+    """``layers`` as a checked half-open block range (start, stop); None gives :func:`default_layers`."""
     if layers is None:
         return default_layers(n_layers)
     if len(layers) != 2 or not 0 <= layers[0] < layers[1] <= n_layers:
@@ -136,7 +130,7 @@ def caap(
         ``return_exact``, (maps, exact).
     """
     cfg = model.cfg
-    start, stop = _check_layers(layers, cfg.n_layers)
+    start, stop = check_block_range(layers, cfg.n_layers)
     if upsample not in (False, None, "bilinear", "bicubic"):
         raise ValueError(f"upsample must be False, 'bilinear' or 'bicubic', got {upsample!r}")
     images = model._check_images(images)
@@ -156,113 +150,8 @@ def caap(
     return maps
 
 
-def caap_per_patch_reference(
-    model: HookedViT,
-    images: Float[Tensor, "batch channel height width"],
-    *,
-    layers: tuple[int, int] | None = None,
-    context="blur",
-) -> Float[Tensor, "batch grid_h grid_w"]:
-    """CAAP (logit score, predicted class) the slow, plain way: one full forward pass per (image,
-    patch), with hooks inserting the source activations. For checking :func:`caap` and timing it."""
-    cfg = model.cfg
-    start, stop = _check_layers(layers, cfg.n_layers)
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(start, stop)]
-    contexts = context_images(model, images, context)
-    maps = torch.empty(len(images), cfg.n_patches)
-    with torch.no_grad():
-        source_logits, source = model.run_with_cache(images, names_filter=lambda name: name in names)
-        target = source_logits.argmax(-1)
-        context_logit = model(contexts).gather(1, target[:, None])[:, 0]
-        for i in range(len(images)):
-            for patch in range(cfg.n_patches):
-                token = cfg.n_prefix_tokens + patch
-
-                def insert(act: Tensor, hook, i=i, token=token) -> Tensor:
-                    act = act.clone()
-                    act[:, token] = source[hook.name][i, token]
-                    return act
-
-                logits = model.run_with_hooks(contexts[i : i + 1], fwd_hooks=[(name, insert) for name in names])
-                maps[i, patch] = logits[0, target[i]] - context_logit[i]
-    return rearrange(maps, "batch (grid_h grid_w) -> batch grid_h grid_w", grid_h=cfg.grid_size[0])
-
-
-SWEEP_METRICS = {"deletion": (deletion_auc, False), "insertion": (insertion_auc, True)}
-
-
-@dataclass(frozen=True)
-class LayerSweepResult:
-    """Faithfulness of CAAP maps for each block range.
-
-    Attributes:
-        table: one row per range: start, stop, mean (over images), std.
-        best: the (start, stop) with the best mean.
-        metric: the metric's name.
-        higher_is_better: direction of the metric.
-    """
-
-    table: pd.DataFrame
-    best: tuple[int, int]
-    metric: str
-    higher_is_better: bool
-
-
-def caap_layer_sweep(
-    model: HookedViT,
-    images: Float[Tensor, "batch channel height width"],
-    *,
-    target: Target = None,
-    metric: str | Callable = "deletion",
-    higher_is_better: bool | None = None,
-    ranges: Sequence[tuple[int, int]] | None = None,
-    progress: bool = True,
-    **caap_options,
-) -> LayerSweepResult:
-    """Score CAAP maps of every block range (start, stop) by a faithfulness metric; pick the best.
-
-    Args:
-        model, images, target: as in :func:`caap`.
-        metric: "deletion" (RISE deletion AUC, lower is better), "insertion" (higher is better),
-            or a callable (model, images, maps, target) -> [batch] with ``higher_is_better`` given.
-        ranges: block ranges to try; default every 0 <= start < stop <= n_layers.
-        progress: progress bar over ranges.
-        caap_options: context, score, batch_size... passed to :func:`caap`.
-
-    Returns:
-        LayerSweepResult with the per-range table and the best range.
-    """
-    if isinstance(metric, str):
-        if metric not in SWEEP_METRICS:
-            raise ValueError(f"metric must be one of {sorted(SWEEP_METRICS)} or a callable, got {metric!r}")
-        metric_fn, higher_is_better = SWEEP_METRICS[metric]
-        name = metric
-    elif callable(metric):
-        if higher_is_better is None:
-            raise ValueError("higher_is_better must be given with a callable metric")
-        metric_fn, name = metric, getattr(metric, "__name__", "custom")
-    else:
-        raise ValueError(f"metric must be a name or a callable, got {metric!r}")
-    n_layers = model.cfg.n_layers
-    if ranges is None:
-        ranges = [(start, stop) for start in range(n_layers) for stop in range(start + 1, n_layers + 1)]
-    ranges = [_check_layers(block_range, n_layers) for block_range in ranges]
-    if not ranges:
-        raise ValueError("ranges must hold at least one (start, stop) block range")
-    with torch.no_grad():
-        target = resolve_target(target, model(model._check_images(images)), model.cfg.n_classes)
-    rows = []
-    for start, stop in tqdm(ranges, desc="layer ranges", disable=not progress):
-        maps = caap(model, images, target=target, layers=(start, stop), progress=False, **caap_options)
-        values = metric_fn(model, images, maps, target, progress=False).float()
-        rows.append(dict(start=start, stop=stop, mean=values.mean().item(), std=values.std().item()))
-    table = pd.DataFrame(rows)
-    best = table.loc[table["mean"].idxmax() if higher_is_better else table["mean"].idxmin()]
-    return LayerSweepResult(table, (int(best.start), int(best.stop)), name, higher_is_better)
-
-
 class CAAP(Attributor):
-    """CAAP behind the common ``Attributor`` interface (registered as "caap").
+    """CAAP behind the common ``Attributor`` interface (registry name "caap").
 
     Args:
         model: the HookedViT.
@@ -276,7 +165,7 @@ class CAAP(Attributor):
         verify_top_k: int | None = None, dtype: torch.dtype | None = None, **options,
     ):
         super().__init__(model, **options)
-        self.layers = _check_layers(layers, model.cfg.n_layers)
+        self.layers = check_block_range(layers, model.cfg.n_layers)
         self.context = context
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -293,5 +182,3 @@ class CAAP(Attributor):
             dtype=self.dtype, progress=self.progress,
         )
 
-
-register_attributor("caap", CAAP)

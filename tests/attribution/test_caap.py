@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from tests.conftest import tiny_timm_vit
+from tests.references import caap_per_patch_reference
 from vitlens_patch.attribution import get_attributor
+from vitlens_patch.attribution.caap import CAAP, caap, default_layers
 from vitlens_patch.model import HookedViT
-from vitlens_patch.recipes.caap import CAAP, caap, caap_per_patch_reference, default_layers
 
 
 @pytest.fixture(scope="module")
@@ -76,26 +77,3 @@ def test_prob_score_and_explicit_target(model, images):
 def test_bad_arguments_raise_value_error(model, images, kwargs, message):
     with pytest.raises(ValueError, match=message):
         caap(model, images, progress=False, **kwargs)
-
-
-def test_layer_sweep_scores_every_range_and_picks_the_best(model, images):
-    from vitlens_patch.metrics import deletion_auc
-    from vitlens_patch.recipes.caap import caap_layer_sweep
-
-    result = caap_layer_sweep(model, images, metric="deletion", progress=False)
-    assert len(result.table) == 4 * 5 // 2
-    assert result.best == tuple(result.table.loc[result.table["mean"].idxmin(), ["start", "stop"]])
-    start, stop = result.best
-    target = model(images).argmax(-1)
-    maps = caap(model, images, layers=(start, stop), progress=False)
-    direct = deletion_auc(model, images, maps, target, progress=False).mean().item()
-    assert direct == pytest.approx(result.table["mean"].min(), abs=1e-6)
-
-
-def test_layer_sweep_rejects_bad_metric(model, images):
-    from vitlens_patch.recipes.caap import caap_layer_sweep
-
-    with pytest.raises(ValueError, match="metric must be one of"):
-        caap_layer_sweep(model, images, metric="pointing", progress=False)
-    with pytest.raises(ValueError, match="higher_is_better must be given"):
-        caap_layer_sweep(model, images, metric=lambda *a, **k: None, progress=False)
