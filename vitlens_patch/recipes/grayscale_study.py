@@ -341,7 +341,7 @@ def grayscale_study(
         data: the images, any of
             - a tensor [image, channel, height, width] with ``labels``: float tensors are normalised
               model input (``model.preprocess``), uint8 tensors raw pixels;
-            - a :class:`~vitlens_patch.data.cifar10.LabelledImages` (e.g. ``load_sample()``);
+            - a :class:`~vitlens_patch.data.folder.LabelledImages` (e.g. ``load_sample()``);
             - an ImageFolder-layout folder or ``.tar.gz`` (e.g. ``../shared/data/cifar10/test.tar.gz``);
             - a map-style Dataset of ``(image, label)`` pairs, as in :func:`run_study`.
         labels: true class per image [image], only when ``data`` is a tensor.
