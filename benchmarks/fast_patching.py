@@ -46,7 +46,7 @@ from vitlens_patch.model import HookedViT  # noqa: E402
 from vitlens_patch.patching import trace_grid, trace_heads, trace_layers  # noqa: E402
 from vitlens_patch.patching.engine import run_restore  # noqa: E402
 from vitlens_patch.patching.sites import Site  # noqa: E402
-from vitlens_patch.recipes.caap import caap, context_images, default_layers  # noqa: E402
+from vitlens_patch.attribution.caap import caap, context_images, default_layers  # noqa: E402
 
 TOP = 10
 VERIFY = 50

@@ -138,7 +138,8 @@ def test_every_converter_has_a_parity_row():
 def test_trace_layers_trace_grid_and_caap_match_per_cell_references(name):
     from tests.patching.test_tracing import reference_scores, window_cells
     from vitlens_patch.patching.tracing import trace_grid, trace_layers
-    from vitlens_patch.recipes.caap import caap, caap_per_patch_reference
+    from tests.references import caap_per_patch_reference
+    from vitlens_patch.attribution.caap import caap
 
     model = HookedViT.from_hf(tiny_hf(name))
     if not model.cfg.n_classes:  # backbones get a linear probe (the same for every run)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vitlens_patch.recipes.caap import CAAP, caap
+from vitlens_patch.attribution.caap import CAAP, caap
 
 
 def test_caap_attribution_and_verified_patches(tiny_model, tiny_pair):
