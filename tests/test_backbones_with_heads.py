@@ -10,7 +10,6 @@ import torch
 from timm.layers import QuickGELU
 from torch import nn
 
-import vitlens_patch.recipes  # noqa: F401  registers "caap", so attribute_all runs every method
 from tests.conftest import tiny_timm_vit
 from vitlens_patch.attribution import ATTRIBUTORS, attribute_all
 from vitlens_patch.metrics import (

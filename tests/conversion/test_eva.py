@@ -7,10 +7,11 @@ import torch
 from timm.models.eva import Eva
 
 from tests.conversion.test_timm import assert_parity
+from tests.references import caap_per_patch_reference
+from vitlens_patch.attribution.caap import caap
 from vitlens_patch.conversion import config_from_timm
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.tracing import trace_grid
-from vitlens_patch.recipes.caap import caap, caap_per_patch_reference
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 

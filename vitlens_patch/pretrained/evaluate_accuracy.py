@@ -21,11 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from vitlens_patch.data.cifar10 import canvas_test_set
-from vitlens_patch.data.folder import LabelledImages, load_image_folder
+from vitlens_patch.data.folder import LabelledImages, load_image_folder, select_per_class
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_grayscale
 from vitlens_patch.pretrained import PRETRAINED_MODELS, load_metadata, metadata_file
-from vitlens_patch.studies.runner import select_per_class
 
 INPUT_KINDS = ("full_frame", "canvas", "grayscale")
 
