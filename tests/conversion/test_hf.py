@@ -64,11 +64,14 @@ def random_images(hf_model: ViTForImageClassification, batch: int = 3, seed: int
     return torch.randn(batch, hf_model.config.num_channels, height, width, generator=generator)
 
 
-def timm_block_outputs(timm_model, images: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """timm logits [batch, n_classes] and each block's output [batch, pos, d_model]."""
+def timm_hidden_states(hf_model, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """timm logits [batch, n_classes] and the residual stream [batch, pos, d_model] entering block 0
+    and after each block, as HF's ``hidden_states``."""
+    timm_model = timm_model_from_hf(hf_model)
     outputs = []
-    handles = [block.register_forward_hook(lambda module, args, output: outputs.append(output))
-               for block in timm_model.blocks]
+    handles = [timm_model.blocks[0].register_forward_pre_hook(lambda module, args: outputs.append(args[0]))]
+    handles += [block.register_forward_hook(lambda module, args, output: outputs.append(output))
+                for block in timm_model.blocks]
     try:
         logits = timm_model(images)
     finally:
@@ -77,35 +80,25 @@ def timm_block_outputs(timm_model, images: Tensor) -> tuple[Tensor, list[Tensor]
     return logits, outputs
 
 
-@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
-@torch.no_grad()
-def test_hf_vit_timm_parity(overrides):
-    hf_model = tiny_hf_vit(**overrides)
-    timm_model = timm_model_from_hf(hf_model)
-    images = random_images(hf_model)
-    expected = hf_model(images, output_hidden_states=True)
-    logits, block_outputs = timm_block_outputs(timm_model, images)
-    torch.testing.assert_close(logits, expected.logits, atol=ATOL, rtol=0)
-    # hidden_states[0] is the embedding output, hidden_states[i + 1] block i's output
-    assert len(block_outputs) == len(expected.hidden_states) - 1
-    for layer, block_output in enumerate(block_outputs):
-        torch.testing.assert_close(block_output, expected.hidden_states[layer + 1], atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
-@torch.no_grad()
-def test_hf_vit_parity(overrides):
-    hf_model = tiny_hf_vit(**overrides)
+def hooked_hidden_states(hf_model, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The same from HookedViT's cache: ``resid_pre`` of block 0, then each ``resid_post``."""
     hooked = from_hf(hf_model)
+    logits, cache = hooked.run_with_cache(images, names_filter=lambda name: "hook_resid_" in name)
+    return logits, [cache["resid_pre", 0]] + [cache["resid_post", layer] for layer in range(hooked.cfg.n_layers)]
+
+
+@pytest.mark.parametrize("convert", [timm_hidden_states, hooked_hidden_states], ids=["timm", "hooked"])
+@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
+@torch.no_grad()
+def test_hf_vit_parity(overrides, convert):
+    hf_model = tiny_hf_vit(**overrides)
     images = random_images(hf_model)
     expected = hf_model(images, output_hidden_states=True)
-    logits, cache = hooked.run_with_cache(images, names_filter=lambda name: "hook_resid_" in name)
+    logits, hidden_states = convert(hf_model, images)
     torch.testing.assert_close(logits, expected.logits, atol=ATOL, rtol=0)
-    torch.testing.assert_close(cache["resid_pre", 0], expected.hidden_states[0], atol=ATOL, rtol=0)
-    for layer in range(hooked.cfg.n_layers):
-        torch.testing.assert_close(
-            cache["resid_post", layer], expected.hidden_states[layer + 1], atol=ATOL, rtol=0
-        )
+    assert len(hidden_states) == len(expected.hidden_states)
+    for hidden, reference in zip(hidden_states, expected.hidden_states):
+        torch.testing.assert_close(hidden, reference, atol=ATOL, rtol=0)
 
 
 def test_hf_vit_timm_kwargs_carry_eps_and_activation():

@@ -25,7 +25,7 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     from timm.layers.attention import AttentionRope
     from timm.models.eva import EvaAttention, EvaBlock
 
-    from vitlens_patch.conversion.timm import layer_norm_eps, activation_name
+    from vitlens_patch.conversion.timm import activation_name, layer_norm_eps, timm_blocks
 
     if model.attn_pool is not None:
         raise NotImplementedError(f"Eva global_pool={model.global_pool!r} (attention pooling) is not supported")
@@ -38,12 +38,10 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     embed = model.patch_embed
     if type(embed) is not PatchEmbed or embed.dynamic_img_pad or not isinstance(embed.norm, nn.Identity):
         raise NotImplementedError(f"Eva patch embedding {type(embed).__name__} with these options is not supported")
-    blocks = list(model.blocks)
+    blocks = timm_blocks(model, EvaBlock, "Eva block type (post-norm)")
     first = blocks[0]
     for index, block in enumerate(blocks):
         where = f"blocks.{index}"
-        if type(block) is not EvaBlock:
-            raise NotImplementedError(f"{where}: Eva block type {type(block).__name__} (post-norm) is not supported")
         attn = block.attn
         if type(attn) not in (EvaAttention, AttentionRope) or attn.gate is not None:
             raise NotImplementedError(f"{where}: attention type {type(attn).__name__} (or gated attention) is not supported")
@@ -140,90 +138,48 @@ def convert_eva_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig, rotary
     Raises:
         ValueError: listing timm keys that were left over or missing.
     """
-    source = dict(state_dict)
-    taken: set[str] = {key for key in source if key.startswith("rope.")}
-
-    def take(key: str) -> Tensor:
-        if key not in source:
-            raise ValueError(f"timm state dict is missing {key!r}")
-        taken.add(key)
-        return source[key]
-
-    def norm(prefix: str, target: str) -> dict[str, Tensor]:
-        return {f"{target}.w": take(f"{prefix}.weight"), f"{target}.b": take(f"{prefix}.bias")}
+    from vitlens_patch.conversion.timm import (
+        StateDictTaker, convert_timm_attention, convert_timm_embeddings, convert_timm_head,
+    )
 
     if cfg.rotary != "none" and rotary is None:
         raise ValueError("rotary tables must be given for a model with rotary position embeddings")
-    prefix_tokens = [take("cls_token")[0]] if cfg.class_token else []
-    if cfg.n_register_tokens:
-        prefix_tokens.append(take("reg_token")[0])
-    out = {
-        "embed.W_E": take("patch_embed.proj.weight"),
-        "prefix_tokens.W_prefix": torch.cat(prefix_tokens) if prefix_tokens else torch.zeros(0, cfg.d_model),
-    }
-    if cfg.abs_pos_embed:
-        out["pos_embed.W_pos"] = take("pos_embed")[0]
-    if cfg.patch_embed_bias:
-        out["embed.b_E"] = take("patch_embed.proj.bias")
-    if cfg.pre_norm:
-        out |= norm("norm_pre", "ln_pre")
+    keys = StateDictTaker(state_dict, "timm Eva", taken={key for key in state_dict if key.startswith("rope.")})
+    out = convert_timm_embeddings(keys, cfg)
     for i in range(cfg.n_layers):
-        src, dst = f"blocks.{i}", f"blocks.{i}"
-        out |= norm(f"{src}.norm1", f"{dst}.ln1") | norm(f"{src}.norm2", f"{dst}.ln2")
-        qkv = rearrange(
-            take(f"{src}.attn.qkv.weight"),
-            "(three head d_head) d_model -> three head d_model d_head", three=3, head=cfg.n_heads,
-        )
-        out[f"{dst}.attn.W_Q"], out[f"{dst}.attn.W_K"], out[f"{dst}.attn.W_V"] = qkv
-        if cfg.qkv_bias:
-            if f"{src}.attn.q_bias" in source:  # EVA: q and v biases, the key bias is zero
-                q_bias = take(f"{src}.attn.q_bias")
-                bias = torch.stack([q_bias, torch.zeros_like(q_bias), take(f"{src}.attn.v_bias")])
-            else:
-                bias = rearrange(take(f"{src}.attn.qkv.bias"), "(three d) -> three d", three=3)
-            bias = rearrange(bias, "three (head d_head) -> three head d_head", head=cfg.n_heads)
-            out[f"{dst}.attn.b_Q"], out[f"{dst}.attn.b_K"], out[f"{dst}.attn.b_V"] = bias
-        if cfg.qk_norm:
-            out |= norm(f"{src}.attn.q_norm", f"{dst}.attn.q_norm") | norm(f"{src}.attn.k_norm", f"{dst}.attn.k_norm")
+        src = dst = f"blocks.{i}"
+        qkv_bias = None
+        if cfg.qkv_bias and f"{src}.attn.q_bias" in keys:  # EVA: q and v biases, the key bias is zero
+            q_bias = keys.take(f"{src}.attn.q_bias")
+            qkv_bias = torch.stack([q_bias, torch.zeros_like(q_bias), keys.take(f"{src}.attn.v_bias")])
+        out |= convert_timm_attention(keys, cfg, i, qkv_bias)
         if cfg.attn_norm:
-            out |= norm(f"{src}.attn.norm", f"{dst}.attn.ln")
+            out |= keys.norm(f"{src}.attn.norm", f"{dst}.attn.ln")
         if cfg.rotary != "none":
             sin, cos = rotary[i].chunk(2, dim=-1)
             out[f"{dst}.attn.rotary.sin"], out[f"{dst}.attn.rotary.cos"] = sin, cos
-        out[f"{dst}.attn.W_O"] = rearrange(
-            take(f"{src}.attn.proj.weight"), "d_model (head d_head) -> head d_head d_model", head=cfg.n_heads
-        )
-        if f"{src}.mlp.fc1_g.weight" in source:  # SwiGLU: separate gate and linear branches
-            out[f"{dst}.mlp.W_gate"] = take(f"{src}.mlp.fc1_g.weight").T
-            out[f"{dst}.mlp.W_in"] = take(f"{src}.mlp.fc1_x.weight").T
+        if f"{src}.mlp.fc1_g.weight" in keys:  # SwiGLU: separate gate and linear branches
+            out[f"{dst}.mlp.W_gate"] = keys.take(f"{src}.mlp.fc1_g.weight").T
+            out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1_x.weight").T
             biases = [f"{src}.mlp.fc1_g.bias", f"{src}.mlp.fc1_x.bias"]
         elif cfg.gated_mlp:  # GluMlp: one packed projection, gate first
-            out[f"{dst}.mlp.W_gate"], out[f"{dst}.mlp.W_in"] = take(f"{src}.mlp.fc1.weight").T.chunk(2, dim=-1)
+            out[f"{dst}.mlp.W_gate"], out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T.chunk(2, dim=-1)
             biases = [f"{src}.mlp.fc1.bias"]
         else:
-            out[f"{dst}.mlp.W_in"] = take(f"{src}.mlp.fc1.weight").T
+            out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T
             biases = [f"{src}.mlp.fc1.bias"]
-        out[f"{dst}.mlp.W_out"] = take(f"{src}.mlp.fc2.weight").T
+        out[f"{dst}.mlp.W_out"] = keys.take(f"{src}.mlp.fc2.weight").T
         if cfg.proj_bias:
-            out[f"{dst}.attn.b_O"] = take(f"{src}.attn.proj.bias")
             if cfg.gated_mlp and len(biases) == 2:
-                out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = take(biases[0]), take(biases[1])
+                out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = keys.take(biases[0]), keys.take(biases[1])
             elif cfg.gated_mlp:
-                out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = take(biases[0]).chunk(2)
+                out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = keys.take(biases[0]).chunk(2)
             else:
-                out[f"{dst}.mlp.b_in"] = take(biases[0])
-            out[f"{dst}.mlp.b_out"] = take(f"{src}.mlp.fc2.bias")
+                out[f"{dst}.mlp.b_in"] = keys.take(biases[0])
+            out[f"{dst}.mlp.b_out"] = keys.take(f"{src}.mlp.fc2.bias")
         if cfg.mlp_norm:
-            out |= norm(f"{src}.mlp.norm", f"{dst}.mlp.ln")
+            out |= keys.norm(f"{src}.mlp.norm", f"{dst}.mlp.ln")
         if cfg.layer_scale:
-            out[f"{dst}.gamma_attn"] = take(f"{src}.gamma_1")
-            out[f"{dst}.gamma_mlp"] = take(f"{src}.gamma_2")
-    if cfg.final_norm != "none":
-        out |= norm("fc_norm" if cfg.final_norm == "pooled" else "norm", "ln_final")
-    if cfg.n_classes:
-        out["head.W_U"] = take("head.weight").T
-        out["head.b_U"] = take("head.bias")
-    leftover = sorted(set(source) - taken)
-    if leftover:
-        raise ValueError(f"timm Eva state dict has keys HookedViT cannot place: {leftover}")
-    return {key: value.contiguous() for key, value in out.items()}
+            out[f"{dst}.gamma_attn"] = keys.take(f"{src}.gamma_1")
+            out[f"{dst}.gamma_mlp"] = keys.take(f"{src}.gamma_2")
+    return keys.finish(out | convert_timm_head(keys, cfg))

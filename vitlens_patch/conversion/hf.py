@@ -79,8 +79,26 @@ _PIL_RESAMPLE_TO_INTERPOLATION = {
 }
 
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An HF image or patch size (an int or a pair) as a pair of ints."""
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def check_hf_encoder_config(hf_config: PretrainedConfig) -> None:
+    """``NotImplementedError`` for an HF encoder config with an activation timm lacks, or a
+    ``head_dim`` other than ``hidden_size / num_attention_heads``."""
+    hidden_act = hf_config.hidden_act
+    if hidden_act not in HF_TO_TIMM_ACTIVATION:
+        raise NotImplementedError(
+            f"hidden_act={hidden_act!r} is not supported; supported: {sorted(HF_TO_TIMM_ACTIVATION)}"
+        )
+    hidden_size, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None)
+    if hidden_size % n_heads or (head_dim is not None and head_dim * n_heads != hidden_size):
+        raise NotImplementedError(
+            f"head_dim must equal hidden_size / num_attention_heads, got hidden_size={hidden_size}, "
+            f"num_attention_heads={n_heads}, head_dim={head_dim}"
+        )
 
 
 def timm_kwargs_from_hf_config(hf_config: PretrainedConfig) -> dict:
@@ -97,18 +115,8 @@ def timm_kwargs_from_hf_config(hf_config: PretrainedConfig) -> dict:
             f"HF model_type {model_type!r} is not supported: only 'vit' "
             f"(ViTForImageClassification) converts, not DeiT, BEiT, Swin or other families"
         )
-    hidden_act = hf_config.hidden_act
-    if hidden_act not in HF_TO_TIMM_ACTIVATION:
-        raise NotImplementedError(
-            f"hidden_act={hidden_act!r} is not supported; supported: {sorted(HF_TO_TIMM_ACTIVATION)}"
-        )
-    hidden_size, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None)
-    if hidden_size % n_heads or (head_dim is not None and head_dim * n_heads != hidden_size):
-        raise NotImplementedError(
-            f"head_dim must equal hidden_size / num_attention_heads, got hidden_size={hidden_size}, "
-            f"num_attention_heads={n_heads}, head_dim={head_dim}"
-        )
+    check_hf_encoder_config(hf_config)
+    hidden_size, n_heads, hidden_act = hf_config.hidden_size, hf_config.num_attention_heads, hf_config.hidden_act
     mlp_ratio = hf_config.intermediate_size / hidden_size
     # timm rebuilds the MLP width as int(embed_dim * mlp_ratio); float rounding can lose one unit
     if int(hidden_size * mlp_ratio) != hf_config.intermediate_size:
@@ -119,8 +127,8 @@ def timm_kwargs_from_hf_config(hf_config: PretrainedConfig) -> dict:
     if hf_config.num_labels < 1:
         raise NotImplementedError("num_labels=0 (no classifier head) is not supported")
     return dict(
-        img_size=_pair(hf_config.image_size),
-        patch_size=_pair(hf_config.patch_size),
+        img_size=pair(hf_config.image_size),
+        patch_size=pair(hf_config.patch_size),
         in_chans=hf_config.num_channels,
         num_classes=hf_config.num_labels,
         global_pool="token",
@@ -258,7 +266,7 @@ def pretrained_cfg_from_hf(hf_config: PretrainedConfig, image_processor=None, wi
             crop_pct = crop["height"] / resized
     resample = int(settings.get("resample", _PIL_BILINEAR))
     return {
-        "input_size": (channels, *_pair(hf_config.image_size)),
+        "input_size": (channels, *pair(hf_config.image_size)),
         "mean": tuple(value / scale for value in mean),
         "std": tuple(value / scale for value in std),
         "interpolation": _PIL_RESAMPLE_TO_INTERPOLATION.get(resample, "bilinear"),

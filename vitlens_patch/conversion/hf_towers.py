@@ -78,35 +78,21 @@ def _fold_class_position(state: dict[str, Tensor], cfg: ViTConfig) -> dict[str, 
     return state | {"cls_token": state["cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:]}
 
 
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 def _encoder_config(hf_config, d_mlp: int, **fields) -> ViTConfig:
     """The fields every family shares, checked; ``fields`` add the family's own."""
-    from vitlens_patch.conversion.hf import HF_TO_TIMM_ACTIVATION
+    from vitlens_patch.conversion.hf import HF_TO_TIMM_ACTIVATION, check_hf_encoder_config, pair
 
-    hidden_act = hf_config.hidden_act
-    if hidden_act not in HF_TO_TIMM_ACTIVATION:
-        raise NotImplementedError(
-            f"hidden_act={hidden_act!r} is not supported; supported: {sorted(HF_TO_TIMM_ACTIVATION)}"
-        )
+    check_hf_encoder_config(hf_config)
     hidden_size, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None)
-    if hidden_size % n_heads or (head_dim is not None and head_dim * n_heads != hidden_size):
-        raise NotImplementedError(
-            f"head_dim must equal hidden_size / num_attention_heads, got hidden_size={hidden_size}, "
-            f"num_attention_heads={n_heads}, head_dim={head_dim}"
-        )
     return ViTConfig(
         n_layers=hf_config.num_hidden_layers,
         d_model=hidden_size,
         n_heads=n_heads,
         d_mlp=d_mlp,
-        img_size=_pair(hf_config.image_size),
-        patch_size=_pair(hf_config.patch_size),
+        img_size=pair(hf_config.image_size),
+        patch_size=pair(hf_config.patch_size),
         in_chans=hf_config.num_channels,
-        activation=HF_TO_TIMM_ACTIVATION[hidden_act],
+        activation=HF_TO_TIMM_ACTIVATION[hf_config.hidden_act],
         eps=hf_config.layer_norm_eps,
         **fields,
     )
@@ -173,16 +159,21 @@ def _dinov2_config(hf_config, classifier: bool) -> ViTConfig:
     )
 
 
+def _vit_embedding_sources(prefix: str) -> dict[str, tuple[str, ...]]:
+    """Class token, position and patch embeddings and the final norm, as HF ViT and DINOv2 name them."""
+    return {
+        "cls_token": (f"{prefix}embeddings.cls_token",),
+        "pos_embed": (f"{prefix}embeddings.position_embeddings",),
+        "patch_embed.proj.weight": (f"{prefix}embeddings.patch_embeddings.projection.weight",),
+        "patch_embed.proj.bias": (f"{prefix}embeddings.patch_embeddings.projection.bias",),
+        "norm.weight": (f"{prefix}layernorm.weight",),
+        "norm.bias": (f"{prefix}layernorm.bias",),
+    }
+
+
 def _dinov2_sources(prefix: str) -> Callable:
     def sources(hf_config, cfg: ViTConfig) -> dict[str, tuple[str, ...]]:
-        out = {
-            "cls_token": (f"{prefix}embeddings.cls_token",),
-            "pos_embed": (f"{prefix}embeddings.position_embeddings",),
-            "patch_embed.proj.weight": (f"{prefix}embeddings.patch_embeddings.projection.weight",),
-            "patch_embed.proj.bias": (f"{prefix}embeddings.patch_embeddings.projection.bias",),
-            "norm.weight": (f"{prefix}layernorm.weight",),
-            "norm.bias": (f"{prefix}layernorm.bias",),
-        }
+        out = _vit_embedding_sources(prefix)
         if cfg.n_register_tokens:
             out["reg_token"] = (f"{prefix}embeddings.register_tokens",)
         out |= _layer_sources(f"{prefix}encoder.layer.", _DINOV2_LAYER, cfg, hf_config.qkv_bias,
@@ -208,14 +199,7 @@ def _vit_config(hf_config, *, distilled: bool, pooling: str, n_classes: int) -> 
 
 def _vit_sources(prefix: str, heads: dict[str, str]) -> Callable:
     def sources(hf_config, cfg: ViTConfig) -> dict[str, tuple[str, ...]]:
-        out = {
-            "cls_token": (f"{prefix}embeddings.cls_token",),
-            "pos_embed": (f"{prefix}embeddings.position_embeddings",),
-            "patch_embed.proj.weight": (f"{prefix}embeddings.patch_embeddings.projection.weight",),
-            "patch_embed.proj.bias": (f"{prefix}embeddings.patch_embeddings.projection.bias",),
-            "norm.weight": (f"{prefix}layernorm.weight",),
-            "norm.bias": (f"{prefix}layernorm.bias",),
-        }
+        out = _vit_embedding_sources(prefix)
         if cfg.distilled:
             out["dist_token"] = (f"{prefix}embeddings.distillation_token",)
         out |= _layer_sources(f"{prefix}layers.", _VIT_LAYER, cfg, hf_config.qkv_bias)

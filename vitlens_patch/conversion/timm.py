@@ -51,6 +51,15 @@ def layer_norm_eps(norm: nn.Module, where: str) -> float:
     return norm.eps
 
 
+def timm_blocks(model: nn.Module, block_type: type, what: str = "block type") -> list[nn.Module]:
+    """The model's blocks; ``NotImplementedError`` naming the first one that is not a ``block_type``."""
+    blocks = list(model.blocks)
+    for index, block in enumerate(blocks):
+        if type(block) is not block_type:
+            raise NotImplementedError(f"blocks.{index}: {what} {type(block).__name__} is not supported")
+    return blocks
+
+
 def config_from_timm(model: nn.Module) -> ViTConfig:
     """Read a ViTConfig off a built timm VisionTransformer, refusing what HookedViT cannot represent.
 
@@ -98,12 +107,10 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     if not isinstance(model.patch_drop, nn.Identity) and model.training:
         raise NotImplementedError("patch_drop_rate > 0 in training mode is not supported; call model.eval()")
 
-    blocks = list(model.blocks)
+    blocks = timm_blocks(model, Block)
     first = blocks[0]
     for index, block in enumerate(blocks):
         where = f"blocks.{index}"
-        if type(block) is not Block:
-            raise NotImplementedError(f"{where}: block type {type(block).__name__} is not supported")
         if type(block.attn) is not Attention or block.attn.gate is not None:
             raise NotImplementedError(f"{where}: attention type {type(block.attn).__name__} is not supported")
         if not isinstance(block.attn.norm, nn.Identity):
@@ -152,6 +159,103 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     )
 
 
+class StateDictTaker:
+    """A source state dict whose keys are each taken at most once; ``finish`` refuses leftovers.
+
+    Args:
+        state_dict: the source (timm) state dict.
+        name: how error messages name the source ("timm", "timm Eva").
+        taken: keys consumed elsewhere (Eva's rotary tables).
+    """
+
+    def __init__(self, state_dict: dict[str, Tensor], name: str = "timm", taken: set[str] = frozenset()):
+        self.source = dict(state_dict)
+        self.name = name
+        self.taken = set(taken)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.source
+
+    def take(self, key: str) -> Tensor:
+        """The tensor at ``key``, marked as consumed; ``ValueError`` when it is missing."""
+        if key not in self.source:
+            raise ValueError(f"{self.name} state dict is missing {key!r}")
+        self.taken.add(key)
+        return self.source[key]
+
+    def norm(self, prefix: str, target: str) -> dict[str, Tensor]:
+        """A LayerNorm's weight and bias under HookedViT's names ``{target}.w`` / ``{target}.b``."""
+        return {f"{target}.w": self.take(f"{prefix}.weight"), f"{target}.b": self.take(f"{prefix}.bias")}
+
+    def finish(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``out`` made contiguous, or ``ValueError`` listing the source keys nobody took."""
+        leftover = sorted(set(self.source) - self.taken)
+        if leftover:
+            raise ValueError(f"{self.name} state dict has keys HookedViT cannot place: {leftover}")
+        return {key: value.contiguous() for key, value in out.items()}
+
+
+def convert_timm_embeddings(keys: StateDictTaker, cfg: ViTConfig) -> dict[str, Tensor]:
+    """Patch embedding, prefix tokens (class, distillation, registers), position embedding, pre-norm."""
+    prefix_tokens = [keys.take("cls_token")[0]] if cfg.class_token else []
+    if cfg.distilled:
+        prefix_tokens.append(keys.take("dist_token")[0])
+    if cfg.n_register_tokens:
+        prefix_tokens.append(keys.take("reg_token")[0])
+    out = {
+        "embed.W_E": keys.take("patch_embed.proj.weight"),
+        "prefix_tokens.W_prefix": torch.cat(prefix_tokens) if prefix_tokens else torch.zeros(0, cfg.d_model),
+    }
+    if cfg.abs_pos_embed:
+        out["pos_embed.W_pos"] = keys.take("pos_embed")[0]
+    if cfg.patch_embed_bias:
+        out["embed.b_E"] = keys.take("patch_embed.proj.bias")
+    if cfg.pre_norm:
+        out |= keys.norm("norm_pre", "ln_pre")
+    return out
+
+
+def convert_timm_attention(
+    keys: StateDictTaker, cfg: ViTConfig, layer: int, qkv_bias: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Block ``layer``'s two norms and attention: the fused qkv split per head (W_Q [head, d_model,
+    d_head]), its bias (``qkv_bias`` [3, d_model] when given, else the fused ``qkv.bias``), qk-norm, W_O."""
+    src = dst = f"blocks.{layer}"
+    out = keys.norm(f"{src}.norm1", f"{dst}.ln1") | keys.norm(f"{src}.norm2", f"{dst}.ln2")
+    qkv = rearrange(
+        keys.take(f"{src}.attn.qkv.weight"),
+        "(three head d_head) d_model -> three head d_model d_head", three=3, head=cfg.n_heads,
+    )
+    out[f"{dst}.attn.W_Q"], out[f"{dst}.attn.W_K"], out[f"{dst}.attn.W_V"] = qkv
+    if cfg.qkv_bias:
+        if qkv_bias is None:
+            qkv_bias = rearrange(keys.take(f"{src}.attn.qkv.bias"), "(three d_model) -> three d_model", three=3)
+        bias = rearrange(qkv_bias, "three (head d_head) -> three head d_head", head=cfg.n_heads)
+        out[f"{dst}.attn.b_Q"], out[f"{dst}.attn.b_K"], out[f"{dst}.attn.b_V"] = bias
+    if cfg.qk_norm:
+        out |= keys.norm(f"{src}.attn.q_norm", f"{dst}.attn.q_norm")
+        out |= keys.norm(f"{src}.attn.k_norm", f"{dst}.attn.k_norm")
+    out[f"{dst}.attn.W_O"] = rearrange(
+        keys.take(f"{src}.attn.proj.weight"), "d_model (head d_head) -> head d_head d_model", head=cfg.n_heads
+    )
+    if cfg.proj_bias:
+        out[f"{dst}.attn.b_O"] = keys.take(f"{src}.attn.proj.bias")
+    return out
+
+
+def convert_timm_head(keys: StateDictTaker, cfg: ViTConfig) -> dict[str, Tensor]:
+    """Final norm and classifier (and DeiT's distillation classifier)."""
+    out = {}
+    if cfg.final_norm != "none":
+        out |= keys.norm("fc_norm" if cfg.final_norm == "pooled" else "norm", "ln_final")
+    heads = [("head", "")] + ([("head_dist", "_dist")] if cfg.pooling == "distilled" else [])
+    for source, suffix in heads if cfg.n_classes else []:
+        out[f"head.W_U{suffix}"] = keys.take(f"{source}.weight").T
+        if cfg.head_bias:
+            out[f"head.b_U{suffix}"] = keys.take(f"{source}.bias")
+    return out
+
+
 def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> dict[str, Tensor]:
     """timm VisionTransformer state dict -> HookedViT state dict (a pure function).
 
@@ -161,75 +265,20 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> di
     Raises:
         ValueError: listing timm keys that were left over or missing.
     """
-    source = dict(state_dict)
-    taken: set[str] = set()
-
-    def take(key: str) -> Tensor:
-        if key not in source:
-            raise ValueError(f"timm state dict is missing {key!r}")
-        taken.add(key)
-        return source[key]
-
-    def norm(prefix: str, target: str) -> dict[str, Tensor]:
-        return {f"{target}.w": take(f"{prefix}.weight"), f"{target}.b": take(f"{prefix}.bias")}
-
-    prefix_tokens = [take("cls_token")[0]] if cfg.class_token else []
-    if cfg.distilled:
-        prefix_tokens.append(take("dist_token")[0])
-    if cfg.n_register_tokens:
-        prefix_tokens.append(take("reg_token")[0])
-    out = {
-        "embed.W_E": take("patch_embed.proj.weight"),
-        "prefix_tokens.W_prefix": torch.cat(prefix_tokens) if prefix_tokens else torch.zeros(0, cfg.d_model),
-        "pos_embed.W_pos": take("pos_embed")[0],
-    }
-    if cfg.patch_embed_bias:
-        out["embed.b_E"] = take("patch_embed.proj.bias")
-    if cfg.pre_norm:
-        out |= norm("norm_pre", "ln_pre")
+    keys = StateDictTaker(state_dict)
+    out = convert_timm_embeddings(keys, cfg)
     for i in range(cfg.n_layers):
-        src, dst = f"blocks.{i}", f"blocks.{i}"
-        out |= norm(f"{src}.norm1", f"{dst}.ln1") | norm(f"{src}.norm2", f"{dst}.ln2")
-        qkv = rearrange(
-            take(f"{src}.attn.qkv.weight"),
-            "(three head d_head) d_model -> three head d_model d_head", three=3, head=cfg.n_heads,
-        )
-        out[f"{dst}.attn.W_Q"], out[f"{dst}.attn.W_K"], out[f"{dst}.attn.W_V"] = qkv
-        if cfg.qkv_bias:
-            bias = rearrange(
-                take(f"{src}.attn.qkv.bias"), "(three head d_head) -> three head d_head",
-                three=3, head=cfg.n_heads,
-            )
-            out[f"{dst}.attn.b_Q"], out[f"{dst}.attn.b_K"], out[f"{dst}.attn.b_V"] = bias
-        if cfg.qk_norm:
-            out |= norm(f"{src}.attn.q_norm", f"{dst}.attn.q_norm")
-            out |= norm(f"{src}.attn.k_norm", f"{dst}.attn.k_norm")
-        out[f"{dst}.attn.W_O"] = rearrange(
-            take(f"{src}.attn.proj.weight"), "d_model (head d_head) -> head d_head d_model", head=cfg.n_heads
-        )
-        out[f"{dst}.mlp.W_in"] = take(f"{src}.mlp.fc1.weight").T
-        out[f"{dst}.mlp.W_out"] = take(f"{src}.mlp.fc2.weight").T
+        src = dst = f"blocks.{i}"
+        out |= convert_timm_attention(keys, cfg, i)
+        out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T
+        out[f"{dst}.mlp.W_out"] = keys.take(f"{src}.mlp.fc2.weight").T
         if cfg.proj_bias:
-            out[f"{dst}.attn.b_O"] = take(f"{src}.attn.proj.bias")
-            out[f"{dst}.mlp.b_in"] = take(f"{src}.mlp.fc1.bias")
-            out[f"{dst}.mlp.b_out"] = take(f"{src}.mlp.fc2.bias")
+            out[f"{dst}.mlp.b_in"] = keys.take(f"{src}.mlp.fc1.bias")
+            out[f"{dst}.mlp.b_out"] = keys.take(f"{src}.mlp.fc2.bias")
         if cfg.layer_scale:
-            out[f"{dst}.gamma_attn"] = take(f"{src}.ls1.gamma")
-            out[f"{dst}.gamma_mlp"] = take(f"{src}.ls2.gamma")
-    if cfg.final_norm != "none":
-        out |= norm("fc_norm" if cfg.final_norm == "pooled" else "norm", "ln_final")
-    if cfg.n_classes:
-        out["head.W_U"] = take("head.weight").T
-        if cfg.head_bias:
-            out["head.b_U"] = take("head.bias")
-    if cfg.n_classes and cfg.pooling == "distilled":
-        out["head.W_U_dist"] = take("head_dist.weight").T
-        if cfg.head_bias:
-            out["head.b_U_dist"] = take("head_dist.bias")
-    leftover = sorted(set(source) - taken)
-    if leftover:
-        raise ValueError(f"timm state dict has keys HookedViT cannot place: {leftover}")
-    return {key: value.contiguous() for key, value in out.items()}
+            out[f"{dst}.gamma_attn"] = keys.take(f"{src}.ls1.gamma")
+            out[f"{dst}.gamma_mlp"] = keys.take(f"{src}.ls2.gamma")
+    return keys.finish(out | convert_timm_head(keys, cfg))
 
 
 def data_config_from_timm(model: nn.Module, cfg: ViTConfig) -> DataConfig:
