@@ -223,7 +223,7 @@ def caap_subset(model: HookedViT, images: torch.Tensor, patches: list[int]) -> t
         [Site(f"blocks.{layer}.hook_resid_pre", (model.cfg.n_prefix_tokens + patch,)) for layer in range(start, stop)]
         for patch in patches
     ]
-    return run_restore(model, images, context_images(model, images, "blur"), cells, metric="logit",
+    return run_restore(model, images, context_images(model, images, "blur"), cells, score="logit",
                        progress=False).effects
 
 

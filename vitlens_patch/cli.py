@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     grayscale = studies.add_parser(
         "grayscale", help="which layers carry colour: colour = clean, grayscale = corrupted",
         description="Restore clean (colour) sub-layer outputs over a window of layers into grayscale "
-        "runs; metric = probability of the true class. Writes per-image results (Parquet) and an "
+        "runs; score = probability of the true class. Writes per-image results (Parquet) and an "
         "HTML report, prints per-layer means with 95%% CIs and the colour / grayscale accuracy. "
         "Resumable: run the same command again. Shard with torchrun --nproc_per_node=N -m "
         "vitlens_patch.cli study grayscale ...",

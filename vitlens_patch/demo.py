@@ -199,7 +199,7 @@ def demo_sections(
         f"The study of the trace above, averaged over the {len(sample)} embedded images "
         f"({len(sample) // len(sample.class_names)} per class): colour = clean, grayscale = corrupted, "
         "restoring attention outputs over a window of 3 layers, and of single layers, around each "
-        "layer; metric = softmax probability of the true class. Bands are 95% confidence intervals. "
+        "layer; score = softmax probability of the true class. Bands are 95% confidence intervals. "
         f"Accuracy: {studies[0].colour_accuracy:.1%} on colour images, "
         f"{studies[0].grayscale_accuracy:.1%} on grayscale images.\n\n"
         "At dataset scale: `vitlens-patch study grayscale --data ../shared/data/cifar10/test.tar.gz "

@@ -60,7 +60,7 @@ def test_bad_targets_are_rejected(target, message, tiny_model, tiny_images):
     ({"upsample": "nearest"}, r"upsample must be False or one of \('bilinear', 'bicubic'\), got 'nearest'"),
     ({"batch_size": 0}, "batch_size must be a positive int, got 0"),
     ({"batch_size": 2.5}, "batch_size must be a positive int, got 2.5"),
-    ({"score": "accuracy"}, "metric must be 'prob', 'logit', 'logprob'.* got 'accuracy'"),
+    ({"score": "accuracy"}, "score must be 'prob', 'logit', 'logprob'.* got 'accuracy'"),
     ({"score": ("logit_diff", torch.tensor([1, 2, 3]))},
      r"score \('logit_diff', other_class\) needs an int other_class here, got a tensor of shape \(3,\)"),
 ])

@@ -37,7 +37,7 @@ def test_estimate_equals_exact_effect_where_the_score_is_linear(linear_head_mode
     model, (clean, corrupted) = linear_head_model, images
     cells = [[Site(f"blocks.1.{hook}", (token,))] for token in range(model.cfg.n_pos)]
     cells.append([Site(f"blocks.1.{hook}")])  # every token at once: the sum of the terms
-    exact = run_restore(model, clean, corrupted, cells, metric="logit", progress=False)
+    exact = run_restore(model, clean, corrupted, cells, score="logit", progress=False)
     estimate = estimate_restore(model, clean, corrupted, cells, score="logit", progress=False)
     assert exact.effects.abs().max() > 1e-2
     torch.testing.assert_close(estimate.effects, exact.effects, atol=1e-5, rtol=1e-5)  # float32 outputs
@@ -49,7 +49,7 @@ def test_estimate_is_not_exact_where_the_score_is_nonlinear(linear_head_model, i
     """The test above can fail: through a block (LayerNorm, GELU, softmax) the estimate differs."""
     model, (clean, corrupted) = linear_head_model, images
     cells = [[Site("blocks.0.hook_attn_out", (token,))] for token in range(model.cfg.n_pos)]
-    exact = run_restore(model, clean, corrupted, cells, metric="logit", progress=False)
+    exact = run_restore(model, clean, corrupted, cells, score="logit", progress=False)
     estimate = estimate_restore(model, clean, corrupted, cells, score="logit", progress=False)
     assert (estimate.effects - exact.effects).abs().max() > 1e-3
 

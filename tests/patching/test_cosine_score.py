@@ -38,7 +38,7 @@ def test_cosine_value():
 
 def test_restoring_everything_scores_one_and_the_corrupted_run_its_cosine(backbone, images):
     clean, corrupted = images
-    result = trace_layers(backbone, clean, corrupted, kind="resid", window=1, metric="cosine", progress=False)
+    result = trace_layers(backbone, clean, corrupted, kind="resid", window=1, score="cosine", progress=False)
     assert torch.allclose(result.clean_score, torch.ones(3), atol=1e-6)
     restored = result.effects + result.corrupted_score[:, None]
     assert torch.allclose(restored, torch.ones(3, 3), atol=1e-5)
@@ -50,7 +50,7 @@ def test_restoring_everything_scores_one_and_the_corrupted_run_its_cosine(backbo
 def test_cosine_cells_match_a_per_cell_reference(backbone, images):
     clean, corrupted = images
     cells = [(Site(f"blocks.{layer}.hook_attn_out", (0, 4)),) for layer in range(3)]
-    out = run_restore(backbone, clean, corrupted, cells, metric="cosine", progress=False)
+    out = run_restore(backbone, clean, corrupted, cells, score="cosine", progress=False)
     with torch.no_grad():
         reference_clean, cache = backbone.run_with_cache(clean, names_filter=lambda name: name.endswith("hook_attn_out"))
         for index, (site,) in enumerate(cells):
@@ -67,16 +67,16 @@ def test_cosine_cells_match_a_per_cell_reference(backbone, images):
 def test_cosine_on_tokens_output():
     tokens = HookedViT.from_timm(tiny_timm_vit(num_classes=0, global_pool=""))
     clean = torch.randn(2, 3, 32, 32)
-    grid = trace_grid(tokens, clean, "grayscale", positions=[0, 3], metric="cosine", progress=False)
+    grid = trace_grid(tokens, clean, "grayscale", positions=[0, 3], score="cosine", progress=False)
     assert grid.effects.shape == (2, 2, 2) and torch.allclose(grid.clean_score, torch.ones(2), atol=1e-6)
 
 
 def test_headless_model_refuses_class_scores_and_targets(backbone, images):
     clean, corrupted = images
     with pytest.raises(ValueError, match="needs class logits but the model has no classifier"):
-        trace_layers(backbone, clean, corrupted, metric="prob", progress=False)
+        trace_layers(backbone, clean, corrupted, score="prob", progress=False)
     with pytest.raises(ValueError, match="target must be None for a model without a classifier"):
-        trace_layers(backbone, clean, corrupted, metric="cosine", target=1, progress=False)
+        trace_layers(backbone, clean, corrupted, score="cosine", target=1, progress=False)
 
 
 def test_attributors_refuse_cosine_and_headless_models(backbone):
@@ -92,7 +92,7 @@ def test_attribution_patching_takes_cosine(backbone, images):
 
     clean, corrupted = images
     cells = [(Site(f"blocks.{layer}.hook_attn_out"),) for layer in range(3)]
-    exact = run_restore(backbone, clean, corrupted, cells, metric="cosine", progress=False)
+    exact = run_restore(backbone, clean, corrupted, cells, score="cosine", progress=False)
     estimate = estimate_restore(backbone, clean, corrupted, cells, score="cosine", progress=False)
     assert estimate.effects.shape == (3, 3) and torch.isfinite(estimate.effects).all()
     assert torch.allclose(estimate.clean_score, exact.clean_score, atol=1e-6)

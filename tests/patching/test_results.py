@@ -14,7 +14,7 @@ def make_result(n_images=4, n_layers=3, n_positions=5, seed=0, **overrides) -> T
         dims=("image", "layer", "position"),
         clean_score=torch.rand(n_images, generator=generator) + 1.0,
         corrupted_score=torch.rand(n_images, generator=generator) * 0.5,
-        settings={"kind": "grid", "window": 1, "metric": "prob"},
+        settings={"kind": "grid", "window": 1, "score": "prob"},
         coords={"layer": list(range(n_layers)), "position": [0, 1, 2, 3, 4][:n_positions]},
         grid_size=(2, 2),
         n_prefix_tokens=1,

@@ -25,9 +25,9 @@ def images() -> tuple[torch.Tensor, torch.Tensor]:
     return clean, clean + 1.5 * torch.randn(3, 3, 32, 32, generator=generator)
 
 
-def reference_scores(model, clean, corrupted, cells, metric="prob"):
+def reference_scores(model, clean, corrupted, cells, score="prob"):
     """One full run_with_hooks per (image, cell): the plain definition of restoration."""
-    score = resolve_score(metric)
+    score_fn = resolve_score(score)
     with torch.no_grad():
         names = {site.hook_name for cell in cells for site in cell}
         _, clean_cache = model.run_with_cache(clean, names_filter=lambda name: name in names)
@@ -48,7 +48,7 @@ def reference_scores(model, clean, corrupted, cells, metric="prob"):
                     return act
                 hooks.append((site.hook_name, restore))
             logits = model.run_with_hooks(corrupted, fwd_hooks=hooks)
-            out[:, c] = score(logits, target)
+            out[:, c] = score_fn(logits, target)
     return out
 
 
@@ -95,7 +95,7 @@ def test_trace_grid_matches_reference_for_any_packing(model, images, budget_mb, 
 def test_trace_heads_matches_reference(model, images, budget_mb):
     clean, corrupted = images
     result = trace_heads(model, clean, corrupted, window=1, positions="patches", memory_budget_mb=budget_mb,
-                         metric="logit", progress=False)
+                         score="logit", progress=False)
     tokens = tuple(range(1, 17))
     expected = reference_scores(model, clean, corrupted, window_cells(model, "attn.hook_z", 1, tokens, heads=[0, 1]), "logit")
     got = result.effects + result.corrupted_score[:, None, None]
@@ -133,7 +133,7 @@ def test_embedding_noise_style_hook_corruption(model, images):
 def test_no_hook_survives_an_error(model, images):
     clean, corrupted = images
     with pytest.raises(ValueError):
-        trace_layers(model, clean, corrupted, metric="nonsense", progress=False)
+        trace_layers(model, clean, corrupted, score="nonsense", progress=False)
     assert all(not hp._forward_hooks for hp in model.hook_dict.values())
 
 
@@ -147,7 +147,7 @@ def test_no_hook_survives_an_error(model, images):
         (dict(positions=[0, 17]), r"positions must be token indices in \[0, 17\)"),
         (dict(positions="middle"), "positions must be 'all', 'cls', 'patches'"),
         (dict(positions=torch.ones(3, 3, dtype=torch.bool)), r"patch-grid shape \(4, 4\)"),
-        (dict(metric="accuracy"), "metric must be 'prob'"),
+        (dict(score="accuracy"), "score must be 'prob'"),
         (dict(target=10), r"target must be class indices in \[0, 10\)"),
     ],
 )
@@ -194,3 +194,27 @@ def test_corruption_by_name_equals_corrupted_images(model, images):
     assert torch.equal(by_name.effects, by_images.effects)
     with pytest.raises(ValueError, match="corruption must be one of"):
         trace_layers(model, clean, "sepia", progress=False)
+
+
+@pytest.mark.parametrize("sweep", [trace_layers, trace_grid, trace_heads])
+def test_score_keyword_and_its_deprecated_name_metric(model, images, sweep):
+    clean, corrupted = images
+    options = dict(positions=[0, 5], progress=False)
+    by_score = sweep(model, clean, corrupted, score="logit", **options)
+    assert by_score.settings["score"] == "logit"
+    with pytest.warns(DeprecationWarning, match=rf"{sweep.__name__}\(metric=...\) is deprecated .* use score="):
+        by_metric = sweep(model, clean, corrupted, metric="logit", **options)
+    assert torch.equal(by_metric.effects, by_score.effects)
+    with pytest.raises(TypeError, match="got both score= and its deprecated name metric="):
+        sweep(model, clean, corrupted, score="logit", metric="prob", **options)
+
+
+def test_run_restore_takes_score_and_the_deprecated_metric(model, images):
+    clean, corrupted = images
+    cells = [(Site("blocks.1.hook_attn_out"),)]
+    by_score = run_restore(model, clean, corrupted, cells, score="logprob", progress=False)
+    with pytest.warns(DeprecationWarning, match=r"run_restore\(metric=...\) is deprecated"):
+        by_metric = run_restore(model, clean, corrupted, cells, metric="logprob", progress=False)
+    assert torch.equal(by_metric.restored_score, by_score.restored_score)
+    expected = reference_scores(model, clean, corrupted, cells, "logprob")
+    assert (by_score.restored_score - expected).abs().max() <= TOLERANCE

@@ -23,7 +23,7 @@ def make_result(dims, sizes, *, n_images=4, seed=0, coords=None, settings=None) 
         dims=dims,
         clean_score=torch.rand(n_images, generator=generator) + 1.0,
         corrupted_score=torch.rand(n_images, generator=generator) * 0.5,
-        settings={"metric": "prob", **(settings or {})},
+        settings={"score": "prob", **(settings or {})},
         coords=coords or {},
         grid_size=GRID,
         n_prefix_tokens=1,

@@ -39,7 +39,7 @@ def test_effects_equal_a_direct_trace(model, data, kind, window):
     study = grayscale_study(model, images, data.labels, kind=kind, window=window, batch_size=4, progress=False)
     direct = trace_layers(
         model, images, corrupt_grayscale(images, model.data_config), kind=kind, window=window,
-        metric="prob", target=data.labels, progress=False,
+        score="prob", target=data.labels, progress=False,
     )
     torch.testing.assert_close(study.trace.effects, direct.effects, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(study.trace.clean_score, direct.clean_score, atol=1e-6, rtol=1e-5)

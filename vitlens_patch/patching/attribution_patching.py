@@ -339,7 +339,7 @@ def restore_cells(
             f"verify_top_k must be None or, with method='attribution', a positive int; got "
             f"{verify_top_k!r} with method={method!r}"
         )
-    engine = dict(metric=score, memory_budget_mb=memory_budget_mb, rows_per_pass=rows_per_pass, dtype=dtype,
+    engine = dict(score=score, memory_budget_mb=memory_budget_mb, rows_per_pass=rows_per_pass, dtype=dtype,
                   progress=progress)
     if method == "exact":
         output = run_restore(model, clean, corrupted, cells, target=target, **engine)

@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vitlens_patch.deprecation import renamed_keywords
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt
 from vitlens_patch.patching.scores import apply_score, check_score_for_model, resolve_score, resolve_target
@@ -152,13 +153,14 @@ def _bytes_per_row(model: HookedViT) -> int:
     return cfg.n_pos * width * torch.finfo(model.dtype).bits // 8
 
 
+@renamed_keywords(metric="score")
 def run_restore(
     model: HookedViT,
     clean: Float[Tensor, "image channel height width"],
     corrupted: Corruption,
     cells: Sequence[Sequence[Site]],
     *,
-    metric="prob",
+    score="prob",
     target: int | Tensor | None = None,
     memory_budget_mb: float | None = None,
     rows_per_pass: int | None = None,
@@ -175,9 +177,11 @@ def run_restore(
             ``clean -> corrupted``, or an object with a forward ``hook`` (embedding noise).
         cells: each a sequence of :class:`Site` restored together; all sites must be block
             hooks (``blocks.{l}.*``).
-        metric: "prob" (default), "logit", "logprob", ("logit_diff", other_class), "cosine" (to the
-            clean output of the same image: models without a classifier) or a callable
-            (logits, target) -> [batch]; see :func:`~vitlens_patch.patching.scores.resolve_score`.
+        score: the function of the logits each run is scored by: "prob" (default), "logit",
+            "logprob", ("logit_diff", other_class), "cosine" (to the clean output of the same
+            image: models without a classifier) or a callable (logits, target) -> [batch]; see
+            :func:`~vitlens_patch.patching.scores.resolve_score`. (``metric=`` is its deprecated
+            name.)
         target: class per image; default the clean run's prediction.
         memory_budget_mb: activation memory allowed per batched pass; sets the rows per pass.
             Default ``DEFAULT_MEMORY_BUDGET_MB`` for the model's device type: small on the CPU,
@@ -201,8 +205,8 @@ def run_restore(
         raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
     if rows_per_pass is not None and (not isinstance(rows_per_pass, int) or rows_per_pass < 1):
         raise ValueError(f"rows_per_pass must be a positive int or None, got {rows_per_pass!r}")
-    score_fn = resolve_score(metric)
-    check_score_for_model(score_fn, metric, model.cfg.n_classes)
+    score_fn = resolve_score(score)
+    check_score_for_model(score_fn, score, model.cfg.n_classes)
     device = model.device
     n_images = clean.shape[0]
     if selected is not None and (

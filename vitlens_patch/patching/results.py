@@ -82,7 +82,7 @@ class TraceResult:
         dims: axis names, first ``"image"``: e.g. ``("image", "layer")``,
             ``("image", "layer", "position")``, ``("image", "layer", "head")``.
         clean_score, corrupted_score: [image] score of the clean and of the corrupted run.
-        settings: JSON-able run settings (kind, window, positions, metric, target, hook names...);
+        settings: JSON-able run settings (kind, window, positions, score, target, hook names...);
             ``settings["normalized"]`` is True once effects are normalised.
         coords: labels per axis, e.g. ``{"layer": [0, 1], "position": [0, 5, 6]}`` (token
             indices for ``"position"``); an axis without labels counts 0, 1, ...

@@ -82,7 +82,7 @@ def resolve_score(score: str | tuple | ScoreFn) -> ScoreFn:
     if score == "logprob":
         return lambda logits, target: _gather(logits.float().log_softmax(-1), target)
     raise ValueError(
-        f"metric must be 'prob', 'logit', 'logprob', ('logit_diff', other_class), 'cosine' or a callable "
+        f"score must be 'prob', 'logit', 'logprob', ('logit_diff', other_class), 'cosine' or a callable "
         f"(logits, target) -> [batch], got {score!r}"
     )
 

@@ -12,6 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from vitlens_patch.deprecation import renamed_keywords
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.attribution_patching import restore_cells
 from vitlens_patch.patching.engine import Corruption
@@ -21,16 +22,16 @@ from vitlens_patch.patching.sites import PositionSelector, Site, kind_hook, laye
 
 def _run_trace(
     model: HookedViT, clean: Tensor, corrupted: Corruption, cells: list, *, shape: tuple[int, ...],
-    dims: tuple[str, ...], coords: dict[str, list], settings: dict, metric, target, memory_budget_mb, progress,
+    dims: tuple[str, ...], coords: dict[str, list], settings: dict, score, target, memory_budget_mb, progress,
     method: str, verify_top_k: int | None, dtype: torch.dtype | None,
 ) -> TraceResult:
     """One engine (or attribution) call over ``cells``; effects reshaped to [image, *shape]."""
     output, exact = restore_cells(
-        model, clean, corrupted, cells, method=method, verify_top_k=verify_top_k, score=metric, target=target,
+        model, clean, corrupted, cells, method=method, verify_top_k=verify_top_k, score=score, target=target,
         memory_budget_mb=memory_budget_mb, dtype=dtype, progress=progress,
     )
     settings = settings | {
-        "metric": metric if isinstance(metric, (str, tuple)) else repr(metric),
+        "score": score if isinstance(score, (str, tuple)) else repr(score),
         "target": output.target.tolist(),
         "method": method,
         "verify_top_k": verify_top_k,
@@ -49,6 +50,7 @@ def _run_trace(
     )
 
 
+@renamed_keywords(metric="score")
 def trace_layers(
     model: HookedViT,
     clean: Float[Tensor, "image channel height width"],
@@ -57,7 +59,7 @@ def trace_layers(
     kind: str = "attn",
     window: int = 3,
     positions: PositionSelector = None,
-    metric="prob",
+    score="prob",
     target: int | Tensor | None = None,
     memory_budget_mb: float | None = None,
     method: str = "exact",
@@ -77,7 +79,8 @@ def trace_layers(
         window: layers restored per centre layer, in [1, n_layers] (3 = l-1, l, l+1; an even
             window reaches one layer further down than up: 4 = l-2 .. l+1).
         positions: "all" (default), "cls", "patches", token indices or a patch-grid bool mask.
-        metric, target, memory_budget_mb, progress: passed to the engine.
+        score, target, memory_budget_mb, progress: passed to the engine (``score``: the function
+            of the logits, "prob" by default; ``metric=`` is its deprecated name).
         method: "exact" (the engine) or "attribution" (the first-order estimate of
             :mod:`~vitlens_patch.patching.attribution_patching`, with AtP*'s QK fix where it
             applies: ``kind="resid_pre"``).
@@ -98,11 +101,12 @@ def trace_layers(
         model, clean, corrupted, cells, shape=(n_layers,), dims=("image", "layer"),
         coords={"layer": list(range(n_layers))},
         settings=dict(function="trace_layers", kind=kind, hook=hook, window=window, positions=list(tokens)),
-        metric=metric, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
+        score=score, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
         method=method, verify_top_k=verify_top_k, dtype=dtype,
     )
 
 
+@renamed_keywords(metric="score")
 def trace_grid(
     model: HookedViT,
     clean: Float[Tensor, "image channel height width"],
@@ -111,7 +115,7 @@ def trace_grid(
     kind: str = "resid_pre",
     window: int = 1,
     positions: PositionSelector = None,
-    metric="prob",
+    score="prob",
     target: int | Tensor | None = None,
     memory_budget_mb: float | None = None,
     method: str = "exact",
@@ -141,11 +145,12 @@ def trace_grid(
         model, clean, corrupted, cells, shape=(n_layers, len(tokens)), dims=("image", "layer", "position"),
         coords={"layer": list(range(n_layers)), "position": list(tokens)},
         settings=dict(function="trace_grid", kind=kind, hook=hook, window=window, positions=list(tokens)),
-        metric=metric, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
+        score=score, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
         method=method, verify_top_k=verify_top_k, dtype=dtype,
     )
 
 
+@renamed_keywords(metric="score")
 def trace_heads(
     model: HookedViT,
     clean: Float[Tensor, "image channel height width"],
@@ -153,7 +158,7 @@ def trace_heads(
     *,
     window: int = 1,
     positions: PositionSelector = None,
-    metric="prob",
+    score="prob",
     target: int | Tensor | None = None,
     memory_budget_mb: float | None = None,
     method: str = "exact",
@@ -181,6 +186,6 @@ def trace_heads(
         model, clean, corrupted, cells, shape=(cfg.n_layers, cfg.n_heads), dims=("image", "layer", "head"),
         coords={"layer": list(range(cfg.n_layers)), "head": list(range(cfg.n_heads))},
         settings=dict(function="trace_heads", hook="attn.hook_z", window=window, positions=list(tokens)),
-        metric=metric, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
+        score=score, target=target, memory_budget_mb=memory_budget_mb, progress=progress,
         method=method, verify_top_k=verify_top_k, dtype=dtype,
     )

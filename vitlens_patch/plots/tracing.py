@@ -34,11 +34,11 @@ def _summarise(result: TraceResult, normalized: bool, confidence: float) -> tupl
     """Mean over images (normalised first if asked) and the matching axis title."""
     if normalized and not result.is_normalized:
         result = result.normalized()
-    metric = result.settings.get("metric")
+    score = result.settings.get("score")
     if result.is_normalized:
         label = "normalised indirect effect<br>(fraction of the clean - corrupted gap)"
     else:
-        label = f"indirect effect on {metric}" if metric is not None else "indirect effect"
+        label = f"indirect effect on {score}" if score is not None else "indirect effect"
     return result.mean(confidence=confidence), label
 
 

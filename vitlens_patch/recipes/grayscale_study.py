@@ -2,7 +2,7 @@
 
 A ViT trained on colour CIFAR-10 misclassifies many grayscale images. Clean run = the colour image,
 corrupted run = its grayscale version (:func:`~vitlens_patch.patching.corruptions.corrupt_grayscale`),
-metric = softmax probability of the true class. For each centre layer, the clean attention outputs
+score = softmax probability of the true class. For each centre layer, the clean attention outputs
 (or MLP outputs) of a window of layers around it are restored into the grayscale run; the rise of the
 true-class probability is that window's indirect effect. Averaged over many images (with 95%
 confidence intervals, overall, per class and per image), the curve shows where colour matters::
@@ -91,7 +91,7 @@ class GrayscaleStudyResult:
 
     @property
     def settings(self) -> dict:
-        """Study settings: corruption, kind, hook, window, positions, metric."""
+        """Study settings: corruption, kind, hook, window, positions, score."""
         return {key: value for key, value in self.trace.settings.items() if key != "target"}
 
     @property
@@ -277,16 +277,16 @@ def measure_grayscale(
 
     Args:
         images: normalised colour images [batch, channel, height, width].
-        labels: true classes [batch]: the target of the probability metric.
+        labels: true classes [batch]: the target of the probability score.
 
     Returns:
-        ``effect`` [batch, layer] (``trace_layers`` on colour vs grayscale, metric "prob", target
+        ``effect`` [batch, layer] (``trace_layers`` on colour vs grayscale, score "prob", target
         the true class), ``clean_score`` / ``corrupted_score`` [batch] (true-class probability on the
         colour / grayscale image), ``colour_prediction`` / ``grayscale_prediction`` [batch].
     """
     grayscale = corrupt_grayscale(images, model.data_config)
     trace = trace_layers(
-        model, images, grayscale, kind=kind, window=window, positions=positions, metric="prob",
+        model, images, grayscale, kind=kind, window=window, positions=positions, score="prob",
         target=labels, memory_budget_mb=memory_budget_mb, progress=False,
     )
     colour_prediction, grayscale_prediction = model(torch.cat([images, grayscale])).argmax(-1).chunk(2)
@@ -368,7 +368,7 @@ def grayscale_study(
     layer_window(0, window, cfg.n_layers)  # raises on a bad window before any work
     settings = dict(
         function="grayscale_study", corruption="grayscale", kind=kind, hook=hook, window=window,
-        positions=list(resolve_positions(positions, cfg)), metric="prob",
+        positions=list(resolve_positions(positions, cfg)), score="prob",
     )
     dataset = _as_dataset(data, labels)
     class_names = data.class_names if isinstance(data, LabelledImages) else model.class_names
