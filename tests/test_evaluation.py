@@ -75,11 +75,16 @@ def test_from_cifar10_builds_balanced_full_frame_and_canvas_images(model, source
 
 def test_table_has_every_method_and_metric_with_the_interval_around_the_mean(result):
     table = result.table()
-    assert list(table.columns) == ["method", "metric", "mean", "ci_low", "ci_high", "n", "higher_is_better"]
+    assert list(table.columns) == [
+        "method", "metric", "mean", "ci_low", "ci_high", "n", "higher_is_better", "interval"
+    ]
     assert list(zip(table["method"], table["metric"])) == [(m, k) for m in METHODS for k in METRICS]
     assert (table["n"] == 6).all()
     assert ((table["ci_low"] <= table["mean"]) & (table["mean"] <= table["ci_high"])).all()
     assert table["higher_is_better"].tolist() == [METRICS[k].higher_is_better for k in table["metric"]]
+    assert table["interval"].tolist() == ["wilson" if k == "pointing_game" else "student_t" for k in table["metric"]]
+    hits = table[table["metric"] == "pointing_game"]
+    assert ((0 <= hits["ci_low"]) & (hits["ci_high"] <= 1)).all()
 
 
 def test_table_interval_is_the_student_t_interval():
@@ -202,14 +207,39 @@ def test_save_and_load_round_trip(result, tmp_path):
         EvaluationResult.load(tmp_path / "evaluation")
 
 
+@pytest.mark.parametrize("hits", [[1] * 8, [0] * 8, [1, 1, 1, 1, 1, 1, 1, 0], [1]])
+def test_pointing_game_interval_is_wilson_inside_zero_one(hits):
+    scores = pd.DataFrame({"method": "m", "metric": "pointing_game", "image": range(len(hits)), "value": hits})
+    row = EvaluationResult(scores).table().iloc[0]
+    k, n = sum(hits), len(hits)
+    expected = stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
+    assert row["interval"] == "wilson" and row["n"] == n and row["mean"] == pytest.approx(k / n)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((expected.low, expected.high))
+    assert 0 <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= 1
+    assert row["ci_high"] - row["ci_low"] > 0.05  # all hits or all misses still leave doubt
+    if k == n:
+        assert row["ci_high"] == 1
+    if k == 0:
+        assert row["ci_low"] == 0
+
+
 def test_to_markdown_has_a_row_per_method_and_a_column_per_metric(result):
     text = result.to_markdown(digits=2)
     lines = text.splitlines()
     assert lines[0] == "| method | deletion ↓ | insertion ↑ | token_deletion ↓ | aupr ↑ | pointing_game ↑ |"
-    row = result.table().iloc[0]
+    table = result.table()
+    row = table.iloc[0]
     assert lines[2].startswith(f"| rollout | {row['mean']:.2f} ± {(row['ci_high'] - row['ci_low']) / 2:.2f} |")
+    hits = table[(table["method"] == "rollout") & (table["metric"] == "pointing_game")].iloc[0]
+    assert lines[2].endswith(f" | {hits['mean']:.2f} [{hits['ci_low']:.2f}, {hits['ci_high']:.2f}] |")
     assert [line.split(" | ")[0] for line in lines[2:5]] == [f"| {method}" for method in METHODS]
-    assert "95% Student-t confidence interval over 6 images" in lines[-1]
+    assert lines[-1] == (
+        "Mean ± half-width of the 95% Student-t confidence interval; for pointing_game (0/1 per image) "
+        "the hit rate [95% Wilson score interval], over 6 images; ↑ higher is better, ↓ lower is better."
+    )
+    wide = result.summary_table(digits=2)
+    assert list(wide.columns) == lines[0].strip("| ").split(" | ")
+    assert wide["method"].tolist() == METHODS
 
 
 def test_select_maps_and_pixels(data, result):

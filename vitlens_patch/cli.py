@@ -119,8 +119,8 @@ def run_evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentPars
     shown = list(range(0, len(data), max(1, len(data) // 8)))[:8]
     section = Section(
         title=f"CAAP and baselines on {len(data)} images of {args.data or 'the embedded sample'}",
-        text="Mean over images with 95% confidence intervals (Student t); arrows give the better direction.",
-        tables=[result.table()],
+        text=result.interval_note(),
+        tables=[result.summary_table()],
         figures=[
             plot_method_comparison(result.table()),
             plot_attribution_grid(data.pixels(shown), result.select_maps(shown), labels=data.labels[shown],

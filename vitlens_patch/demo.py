@@ -169,9 +169,9 @@ def _attribution_section(model: HookedViT, sample: LabelledImages, progress: boo
             "full-frame images; localization AUPR and the pointing game on the same images pasted "
             "on a noise canvas). With so few images the intervals are wide: "
             "`vitlens-patch evaluate --data ../shared/data/cifar10/test.tar.gz --n 500` runs the "
-            "full comparison."
+            f"full comparison.\n\n{result.interval_note()}"
         ),
-        tables=[result.table()],
+        tables=[result.summary_table()],
         figures=[
             plot_attribution_grid(data.pixels(shown), maps, labels=data.labels[shown],
                                   class_names=model.class_names, title="Attribution maps (true class)"),

@@ -113,16 +113,24 @@ def build_report(sections: Sequence[Section], *, title: str = "vitlens_patch rep
 
 
 def plot_accuracy_by_class(
-    result: GrayscaleStudyResult, *, title: str = "Accuracy on colour vs grayscale images"
+    result: GrayscaleStudyResult, *, title: str = "Accuracy on colour vs grayscale images (95% Wilson CI)"
 ) -> go.Figure:
-    """Grouped bars: accuracy on colour and on grayscale images, per class and overall."""
+    """Grouped bars: accuracy on colour and on grayscale images, per class and overall, with the
+    Wilson intervals of :meth:`GrayscaleStudyResult.accuracy` as error bars."""
     table = result.accuracy()
-    figure = go.Figure([
-        go.Bar(x=table["class"], y=table["colour_accuracy"], name="colour", customdata=table["n_images"],
-               hovertemplate="%{x}: %{y:.1%} of %{customdata} images<extra>colour</extra>"),
-        go.Bar(x=table["class"], y=table["grayscale_accuracy"], name="grayscale", customdata=table["n_images"],
-               hovertemplate="%{x}: %{y:.1%} of %{customdata} images<extra>grayscale</extra>"),
-    ])
+    bars = []
+    for kind in ("colour", "grayscale"):
+        accuracy, lower, upper = (table[f"{kind}_{column}"] for column in ("accuracy", "lower", "upper"))
+        bars.append(go.Bar(
+            x=table["class"], y=accuracy, name=kind,
+            error_y={"type": "data", "symmetric": False, "array": upper - accuracy, "arrayminus": accuracy - lower},
+            customdata=table[["n_images", f"{kind}_lower", f"{kind}_upper"]].to_numpy(),
+            hovertemplate=(
+                "%{x}: %{y:.1%} of %{customdata[0]} images<br>95% CI [%{customdata[1]:.1%}, "
+                f"%{{customdata[2]:.1%}}]<extra>{kind}</extra>"
+            ),
+        ))
+    figure = go.Figure(bars)
     figure.update_layout(
         title=title, barmode="group", yaxis_title="accuracy", yaxis_tickformat=".0%",
         yaxis_range=[0, 1], template="plotly_white",
@@ -199,7 +207,8 @@ def grayscale_study_section(
             "(corrupted). For every centre layer, the clean sub-layer outputs of a window of layers "
             "around it are restored into the grayscale run; the indirect effect is the rise in the "
             "softmax probability of the true class. Curves are means over images with 95% "
-            f"confidence bands. Accuracy: {first.colour_accuracy:.1%} on colour images, "
+            "Student-t confidence bands; accuracies have 95% Wilson intervals. Accuracy: "
+            f"{first.colour_accuracy:.1%} on colour images, "
             f"{first.grayscale_accuracy:.1%} on grayscale images."
         )
     means = pd.concat(

@@ -3,6 +3,7 @@
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 from tests.conftest import tiny_timm_vit
 from vitlens_patch.data.folder import LabelledImages
@@ -69,6 +70,14 @@ def test_accuracy_equals_direct_computation(model, data, result):
     assert table["n_images"].tolist() == [2, 2, 2, N_IMAGES]
     members = data.labels == 4
     assert table.loc[1, "grayscale_accuracy"] == pytest.approx((gray[members] == 4).double().mean().item())
+    # accuracies are proportions: Wilson intervals, inside [0, 1]
+    k = int((colour == data.labels).sum())
+    expected = stats.binomtest(k, N_IMAGES).proportion_ci(0.95, method="wilson")
+    assert table.loc[3, ["colour_lower", "colour_upper"]].tolist() == pytest.approx([expected.low, expected.high])
+    for kind in ("colour", "grayscale"):
+        assert (0 <= table[f"{kind}_lower"]).all() and (table[f"{kind}_upper"] <= 1).all()
+        assert (table[f"{kind}_lower"] <= table[f"{kind}_accuracy"]).all()
+        assert (table[f"{kind}_accuracy"] <= table[f"{kind}_upper"]).all()
 
 
 def test_layer_and_class_means_match_the_trace(result, data):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vitlens_patch.evaluation.metrics import METRICS
 from vitlens_patch.patching.results import read_saved_metadata
-from vitlens_patch.statistics import student_t_half_width
+from vitlens_patch.statistics import student_t_half_width, wilson_interval
 
 _SCORES_FILE = "scores.parquet"
 _MAPS_FILE = "maps.safetensors"
@@ -59,46 +59,75 @@ class EvaluationResult:
         return list(dict.fromkeys(self.scores["metric"]))
 
     def table(self, *, confidence: float = 0.95) -> pd.DataFrame:
-        """Mean and Student-t confidence interval per (method, metric), in evaluation order.
+        """Mean and confidence interval per (method, metric), in evaluation order.
 
-        The interval is ``mean +- t * sd / sqrt(n)`` with ``t`` the ``(1 + confidence) / 2``
-        quantile of Student's t with ``n - 1`` degrees of freedom, ``sd`` the sample standard
-        deviation over the ``n`` images (NaN values left out); it is NaN for ``n < 2``. Being
-        symmetric, it may reach past a metric's range (e.g. above 1 for a pointing game near 1).
+        NaN values are left out; ``n`` counts the rest. For a metric whose values are means
+        (deletion, insertion, token_deletion, aupr) the interval is Student's t:
+        ``mean +- t * sd / sqrt(n)``, ``t`` the ``(1 + confidence) / 2`` quantile with ``n - 1``
+        degrees of freedom, ``sd`` the sample standard deviation; NaN for ``n < 2``. For a 0/1
+        metric (``pointing_game``: :attr:`MetricSpec.proportion`) the mean is a proportion and the
+        interval the Wilson score interval (:func:`~vitlens_patch.statistics.wilson_interval`):
+        inside [0, 1], not symmetric, and not empty when every image hits or every image misses.
 
         Returns:
             Columns ``method``, ``metric``, ``mean``, ``ci_low``, ``ci_high``, ``n``,
-            ``higher_is_better``: the input of :func:`vitlens_patch.plots.plot_method_comparison`.
+            ``higher_is_better``, ``interval`` ("student_t" or "wilson"): the input of
+            :func:`vitlens_patch.plots.plot_method_comparison`.
         """
         grouped = self.scores.groupby(["method", "metric"], sort=False)["value"]
         table = grouped.agg(mean="mean", sd="std", n="count").reset_index()
         half_width = student_t_half_width(table["sd"].to_numpy(), table["n"].to_numpy(), confidence)
         table["ci_low"] = table["mean"] - half_width
         table["ci_high"] = table["mean"] + half_width
+        proportion = np.array([METRICS[metric].proportion for metric in table["metric"]], dtype=bool)
+        if proportion.any():
+            n = table.loc[proportion, "n"].to_numpy()
+            low, high = wilson_interval(table.loc[proportion, "mean"].to_numpy() * n, n, confidence)
+            table.loc[proportion, "ci_low"] = low
+            table.loc[proportion, "ci_high"] = high
         table["higher_is_better"] = [METRICS[metric].higher_is_better for metric in table["metric"]]
-        return table[["method", "metric", "mean", "ci_low", "ci_high", "n", "higher_is_better"]]
+        table["interval"] = np.where(proportion, "wilson", "student_t")
+        return table[["method", "metric", "mean", "ci_low", "ci_high", "n", "higher_is_better", "interval"]]
+
+    def summary_table(self, *, confidence: float = 0.95, digits: int = 3) -> pd.DataFrame:
+        """The README's wide layout: a row per method, a column per metric (``"deletion ↓"``,
+        ``"aupr ↑"``: the arrow points to the better direction), cells as text.
+
+        A Student-t cell reads ``mean ± half-width``, a Wilson cell (a 0/1 metric, whose interval
+        is not symmetric) ``mean [low, high]``; a cell without an interval (one image) the mean.
+        """
+        table = self.table(confidence=confidence)
+        cells = {(row.method, row.metric): row for row in table.itertuples()}
+        columns = {"method": self.methods}
+        for metric in self.metrics:
+            arrow = "↑" if METRICS[metric].higher_is_better else "↓"
+            columns[f"{metric} {arrow}"] = [
+                _format_cell(cells[method, metric], digits) for method in self.methods
+            ]
+        return pd.DataFrame(columns)
+
+    def interval_note(self, *, confidence: float = 0.95) -> str:
+        """One sentence saying what the cells of :meth:`summary_table` mean."""
+        table = self.table(confidence=confidence)
+        wilson = list(dict.fromkeys(table.loc[table["interval"] == "wilson", "metric"]))
+        student = list(dict.fromkeys(table.loc[table["interval"] == "student_t", "metric"]))
+        parts = []
+        if student:
+            parts.append(f"mean ± half-width of the {confidence:.0%} Student-t confidence interval")
+        if wilson:
+            parts.append(
+                f"for {', '.join(wilson)} (0/1 per image) the hit rate [{confidence:.0%} Wilson score interval]"
+            )
+        n_images = int(table["n"].max())
+        text = "; ".join(parts)
+        return f"{text[0].upper()}{text[1:]}, over {n_images} images; ↑ higher is better, ↓ lower is better."
 
     def to_markdown(self, *, confidence: float = 0.95, digits: int = 3) -> str:
-        """A Markdown table, a row per method and a column per metric: ``mean ± half-width``."""
-        table = self.table(confidence=confidence)
-        arrows = {metric: "↑" if METRICS[metric].higher_is_better else "↓" for metric in self.metrics}
-        header = ["method", *(f"{metric} {arrows[metric]}" for metric in self.metrics)]
-        cells = {(row.method, row.metric): row for row in table.itertuples()}
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for method in self.methods:
-            values = []
-            for metric in self.metrics:
-                row = cells[method, metric]
-                half = (row.ci_high - row.ci_low) / 2
-                values.append(f"{row.mean:.{digits}f}" + ("" if np.isnan(half) else f" ± {half:.{digits}f}"))
-            lines.append("| " + " | ".join([method, *values]) + " |")
-        n_images = int(table["n"].max())
-        lines.append("")
-        lines.append(
-            f"Mean ± half-width of the {confidence:.0%} Student-t confidence interval over {n_images} "
-            "images; ↑ higher is better, ↓ lower is better."
-        )
-        return "\n".join(lines)
+        """:meth:`summary_table` as a Markdown table, then :meth:`interval_note`."""
+        table = self.summary_table(confidence=confidence, digits=digits)
+        lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in table.itertuples(index=False)]
+        return "\n".join([*lines, "", self.interval_note(confidence=confidence)])
 
     def select_maps(
         self, indices: Sequence[int] | slice | Tensor, *, canvas: bool = False
@@ -147,3 +176,13 @@ class EvaluationResult:
         maps = {name.split("/", 1)[1]: t for name, t in tensors.items() if name.startswith("full/")}
         canvas_maps = {name.split("/", 1)[1]: t for name, t in tensors.items() if name.startswith("canvas/")}
         return cls(pd.read_parquet(path / _SCORES_FILE), maps, canvas_maps, settings)
+
+
+def _format_cell(row, digits: int) -> str:
+    """``mean ± half-width`` (Student t), ``mean [low, high]`` (Wilson) or the mean alone."""
+    mean = f"{row.mean:.{digits}f}"
+    if np.isnan(row.ci_low) or np.isnan(row.ci_high):
+        return mean
+    if row.interval == "wilson":
+        return f"{mean} [{row.ci_low:.{digits}f}, {row.ci_high:.{digits}f}]"
+    return f"{mean} ± {(row.ci_high - row.ci_low) / 2:.{digits}f}"

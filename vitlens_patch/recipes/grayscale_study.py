@@ -10,7 +10,7 @@ confidence intervals, overall, per class and per image), the curve shows where c
     result = grayscale_study(model, "../shared/data/cifar10/test.tar.gz", indices=..., out="runs/gray")
     result.layer_means()           # per-layer mean indirect effect with its 95% CI
     result.per_class()             # the same per class
-    result.accuracy()              # accuracy on colour vs grayscale images, per class and overall
+    result.accuracy()              # accuracy on colour vs grayscale images (Wilson 95% CI), per class and overall
     plot_layer_curve(result.trace)  # vitlens_patch.plots
 
 The recipe is thin: each batch is one :func:`~vitlens_patch.patching.tracing.trace_layers` call, and
@@ -43,6 +43,7 @@ from vitlens_patch.patching.corruptions import corrupt_grayscale
 from vitlens_patch.patching.results import TraceResult, read_saved_metadata
 from vitlens_patch.patching.sites import PositionSelector, kind_hook, layer_window, resolve_positions
 from vitlens_patch.patching.tracing import trace_layers
+from vitlens_patch.statistics import wilson_interval
 from vitlens_patch.studies.runner import run_study, stack_column
 
 _METADATA_KEY = b"vitlens_patch.GrayscaleStudyResult"
@@ -122,27 +123,30 @@ class GrayscaleStudyResult:
         """The trace restricted to the images of one class (index or name), dims [image, layer]."""
         return self.trace[self.labels == self._class_label(label)]
 
-    def accuracy(self) -> pd.DataFrame:
-        """Accuracy on colour and on grayscale images: one row per class, then ``"all"``.
+    def accuracy(self, *, confidence: float = 0.95) -> pd.DataFrame:
+        """Accuracy on colour and on grayscale images with Wilson intervals: a row per class, then ``"all"``.
 
         Columns: ``class``, ``label`` (-1 for ``"all"``), ``n_images``, ``colour_accuracy``,
-        ``grayscale_accuracy``.
+        ``colour_lower``, ``colour_upper``, ``grayscale_accuracy``, ``grayscale_lower``,
+        ``grayscale_upper``. An accuracy is a proportion, so its interval is the Wilson score
+        interval (:func:`~vitlens_patch.statistics.wilson_interval`), inside [0, 1].
         """
-        correct_colour = (self.colour_prediction == self.labels).double()
-        correct_gray = (self.grayscale_prediction == self.labels).double()
-        rows = []
-        for label in sorted(set(self.labels.tolist())):
-            members = self.labels == label
-            rows.append(dict(
-                label=label, n_images=int(members.sum()),
-                colour_accuracy=correct_colour[members].mean().item(),
-                grayscale_accuracy=correct_gray[members].mean().item(),
-            ))
-        rows.append(dict(
-            label=-1, n_images=self.n_images,
-            colour_accuracy=self.colour_accuracy, grayscale_accuracy=self.grayscale_accuracy,
-        ))
-        frame = pd.DataFrame(rows)
+        correct = {
+            "colour": (self.colour_prediction == self.labels).long(),
+            "grayscale": (self.grayscale_prediction == self.labels).long(),
+        }
+        groups = [(label, self.labels == label) for label in sorted(set(self.labels.tolist()))]
+        groups.append((-1, torch.ones_like(self.labels, dtype=torch.bool)))
+        columns: dict[str, list] = {"label": [label for label, _ in groups]}
+        n_images = np.array([int(members.sum()) for _, members in groups])
+        columns["n_images"] = n_images.tolist()
+        for kind, hits in correct.items():
+            successes = np.array([int(hits[members].sum()) for _, members in groups])
+            lower, upper = wilson_interval(successes, n_images, confidence)
+            columns[f"{kind}_accuracy"] = (successes / n_images).tolist()
+            columns[f"{kind}_lower"] = lower.tolist()
+            columns[f"{kind}_upper"] = upper.tolist()
+        frame = pd.DataFrame(columns)
         frame.insert(0, "class", [self.class_name(label) if label >= 0 else "all" for label in frame["label"]])
         return frame
 
