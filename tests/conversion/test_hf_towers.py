@@ -12,10 +12,9 @@ from transformers import (
 )
 
 from vitlens_patch.conversion.hf_towers import HF_CONVERTERS, convert_hf_tower_state_dict
+from tests.conversion.checks import TOLERANCE, assert_every_hook_is_live, assert_tools_match_references, relative_error
 from vitlens_patch.model import HookedViT
 
-# 2 layers, d_model 32; 1e-5 relative to the activation scale (the tolerance).
-TOLERANCE = 1e-5
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
 MLP = dict(intermediate_size=64)
 
@@ -56,10 +55,6 @@ def images(batch: int = 3) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 def hf_run(hf_model, x: torch.Tensor):
     with torch.no_grad():
         return hf_model(pixel_values=x, output_hidden_states=True)
@@ -82,16 +77,7 @@ def test_output_and_every_residual_stream_match_hf(name):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_hook_is_live(name):
-    model = HookedViT.from_hf(tiny_hf(name))
-    model.set_use_attn_result(True)
-    x = images(2)
-    with torch.no_grad():
-        clean = model(x)
-        for hook_name in model.hook_dict:
-            def perturb(act, hook):
-                return act + 0.1 * torch.randn(act.shape, generator=torch.Generator().manual_seed(0))
-            perturbed = model.run_with_hooks(x, fwd_hooks=[(hook_name, perturb)])
-            assert not torch.allclose(perturbed, clean), hook_name
+    assert_every_hook_is_live(HookedViT.from_hf(tiny_hf(name)), images(2))
 
 
 def test_data_config_and_class_names():
@@ -136,23 +122,4 @@ def test_every_converter_has_a_parity_row():
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_trace_layers_trace_grid_and_caap_match_per_cell_references(name):
-    from tests.patching.test_tracing import reference_scores, window_cells
-    from vitlens_patch.patching.tracing import trace_grid, trace_layers
-    from tests.references import caap_per_patch_reference
-    from vitlens_patch.attribution.caap import caap
-
-    model = HookedViT.from_hf(tiny_hf(name))
-    if not model.cfg.n_classes:  # backbones get a linear probe (the same for every run)
-        torch.manual_seed(0)
-        model = model.with_head(torch.nn.Linear(model.cfg.d_pooled, 5))
-    clean = images(2)
-    corrupted = clean + 1.5 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))
-    positions = (0, model.cfg.n_prefix_tokens + 3)
-    layers = trace_layers(model, clean, corrupted, kind="attn", window=1, positions=list(positions), progress=False)
-    expected = reference_scores(model, clean, corrupted, window_cells(model, "hook_attn_out", 1, positions))
-    assert (layers.effects + layers.corrupted_score[:, None] - expected).abs().max() <= TOLERANCE
-    grid = trace_grid(model, clean, corrupted, kind="resid_pre", window=1, positions=list(positions), progress=False)
-    expected = reference_scores(model, clean, corrupted, window_cells(model, "hook_resid_pre", 1, positions, per_token=True))
-    assert (grid.effects + grid.corrupted_score[:, None, None] - expected.reshape(grid.effects.shape)).abs().max() <= TOLERANCE
-    maps = caap(model, clean[:1], layers=(0, 2), progress=False)
-    assert (maps - caap_per_patch_reference(model, clean[:1], layers=(0, 2))).abs().max() <= TOLERANCE
+    assert_tools_match_references(HookedViT.from_hf(tiny_hf(name)), images(2))

@@ -102,12 +102,12 @@ def test_from_timm_copies_data_config():
 UNSUPPORTED = [
     (lambda: timm.create_model("resnet18", pretrained=False), "model class ResNet"),
     (lambda: timm.create_model("beit_base_patch16_224", pretrained=False), "model class Beit"),
-    (lambda: tiny_timm_vit(global_pool="map"), "attention pooling"),
+    (lambda: tiny_timm_vit(global_pool="prr"), "global_pool=.prr. is not supported"),
     (lambda: tiny_timm_vit(dynamic_img_size=True), "dynamic_img_size"),
     (lambda: tiny_timm_vit(global_pool=""), "global_pool='' with a classifier"),
     (lambda: tiny_timm_vit(scale_mlp_norm=True), "MLP type"),
     (lambda: tiny_timm_vit(mlp_layer=timm.layers.SwiGLU), "MLP type SwiGLU"),
-    (lambda: tiny_timm_vit(norm_layer=timm.layers.RmsNorm), "normalisation RmsNorm"),
+    (lambda: tiny_timm_vit(norm_layer=timm.layers.RmsNormFp32), "normalisation RmsNormFp32"),
     (lambda: tiny_timm_vit(pos_embed="none"), "pos_embed='none'"),
 ]
 

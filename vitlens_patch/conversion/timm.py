@@ -51,6 +51,18 @@ def layer_norm_eps(norm: nn.Module, where: str) -> float:
     return norm.eps
 
 
+def norm_kind(norm: nn.Module, where: str) -> tuple[str, float]:
+    """A timm norm layer's ViTConfig ``norm`` kind and eps: an affine LayerNorm or an affine
+    ``RmsNorm``; anything else raises ``NotImplementedError`` naming ``where``."""
+    from timm.layers import RmsNorm
+
+    if type(norm) is RmsNorm:
+        if not norm.elementwise_affine:
+            raise NotImplementedError(f"{where}: RmsNorm without affine weight is not supported")
+        return "rms_norm", norm.eps
+    return "layer_norm", layer_norm_eps(norm, where)
+
+
 def timm_blocks(model: nn.Module, block_type: type, what: str = "block type") -> list[nn.Module]:
     """The model's blocks; ``NotImplementedError`` naming the first one that is not a ``block_type``."""
     blocks = list(model.blocks)
@@ -84,12 +96,10 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     distilled = isinstance(model, VisionTransformerDistilled)
     if type(model) not in (VisionTransformer, VisionTransformerDistilled):
         raise NotImplementedError(f"VisionTransformer subclass {type(model).__name__} is not supported")
+    if model.global_pool not in ("token", "avg", "max", "avgmax", "map", ""):
+        raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported" + (" (attention pooling AttentionPoolPrr)" if model.global_pool == "prr" else ""))
     if model.attn_pool is not None:
-        raise NotImplementedError(f"global_pool={model.global_pool!r} (attention pooling) is not supported")
-    if model.global_pool not in ("token", "avg", "max", "avgmax", ""):
-        raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported")
-    if model.pool_include_prefix and model.global_pool not in ("token", ""):
-        raise NotImplementedError("pool_include_prefix=True is not supported")
+        check_attention_pool(model.attn_pool, model)
     if model.global_pool == "" and model.num_classes:
         raise NotImplementedError(
             "global_pool='' with a classifier (logits for every token) is not supported; build it "
@@ -119,18 +129,20 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
             raise NotImplementedError(f"{where}: MLP type {type(block.mlp).__name__} (or scale_mlp_norm) is not supported")
         if type(block.attn.q_norm) is not type(first.attn.q_norm) or type(block.ls1) is not type(first.ls1):
             raise NotImplementedError(f"{where}: blocks with different options are not supported")
-        layer_norm_eps(block.norm1, f"{where}.norm1")
 
     qk_norm = not isinstance(first.attn.q_norm, nn.Identity)
-    if qk_norm:
-        layer_norm_eps(first.attn.q_norm, "blocks.0.attn.q_norm")
-    eps = layer_norm_eps(first.norm1, "blocks.0.norm1")
+    norm, eps = norm_kind(first.norm1, "blocks.0.norm1")
+    norms = [(f"blocks.{i}.{name}", getattr(block, name)) for i, block in enumerate(blocks) for name in ("norm1", "norm2")]
+    norms += [("blocks.0.attn.q_norm", first.attn.q_norm), ("norm", model.norm), ("fc_norm", model.fc_norm),
+              ("norm_pre", model.norm_pre)]
+    if model.attn_pool is not None:
+        norms.append(("attn_pool.norm", model.attn_pool.norm))
+    for name, layer in norms:
+        if not isinstance(layer, nn.Identity) and norm_kind(layer, name) != (norm, eps):
+            raise NotImplementedError(f"{name}: a norm kind or eps different from the blocks' is not supported")
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
     has_norm = not isinstance(model.norm, nn.Identity)
     pre_norm = not isinstance(model.norm_pre, nn.Identity)
-    for name, norm in [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre)]:
-        if not isinstance(norm, nn.Identity) and layer_norm_eps(norm, name) != eps:
-            raise NotImplementedError(f"{name}: a LayerNorm eps different from the blocks' is not supported")
 
     return ViTConfig(
         n_layers=len(blocks),
@@ -149,6 +161,8 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         pre_norm=pre_norm,
         final_norm="pooled" if has_fc_norm else ("tokens" if has_norm else "none"),
         pooling="distilled" if distilled else (model.global_pool or "none"),
+        pool_include_prefix=bool(model.pool_include_prefix) and model.global_pool not in ("token", ""),
+        norm=norm,
         layer_scale=not isinstance(first.ls1, nn.Identity),
         qkv_bias=first.attn.qkv.bias is not None,
         proj_bias=first.attn.proj.bias is not None,
@@ -157,6 +171,25 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         activation=activation_name(first.mlp.act),
         eps=eps,
     )
+
+
+def check_attention_pool(pool: nn.Module, model: nn.Module) -> None:
+    """Refuse a timm ``AttentionPoolLatent`` that ``AttentionPool`` does not represent exactly."""
+    from timm.layers import AttentionPoolLatent, Mlp
+
+    if type(pool) is not AttentionPoolLatent:
+        raise NotImplementedError(f"attention pooling {type(pool).__name__} (global_pool={model.global_pool!r}) is not supported")
+    where = "attn_pool"
+    if pool.latent_len != 1 or pool.pos_embed is not None or pool.pool != "token":
+        raise NotImplementedError(f"{where}: latent_len != 1, a pooling position embedding or pool_type != 'token' is not supported")
+    if not isinstance(pool.q, nn.Linear) or not isinstance(pool.q_norm, nn.Identity) or pool.mlp is None:
+        raise NotImplementedError(f"{where}: q_proj=False, qk_norm or out_features=0 is not supported")
+    if pool.q.bias is None or pool.kv.bias is None or pool.proj.bias is None:
+        raise NotImplementedError(f"{where}: projections without bias are not supported")
+    if pool.num_heads * pool.head_dim != model.embed_dim or pool.num_heads != model.blocks[0].attn.num_heads:
+        raise NotImplementedError(f"{where}: heads different from the blocks' are not supported")
+    if type(pool.mlp) is not Mlp or not isinstance(pool.mlp.norm, nn.Identity) or pool.mlp.fc1.bias is None:
+        raise NotImplementedError(f"{where}: MLP type {type(pool.mlp).__name__} is not supported")
 
 
 class StateDictTaker:
@@ -184,8 +217,12 @@ class StateDictTaker:
         return self.source[key]
 
     def norm(self, prefix: str, target: str) -> dict[str, Tensor]:
-        """A LayerNorm's weight and bias under HookedViT's names ``{target}.w`` / ``{target}.b``."""
-        return {f"{target}.w": self.take(f"{prefix}.weight"), f"{target}.b": self.take(f"{prefix}.bias")}
+        """A norm's weight and bias under HookedViT's names ``{target}.w`` / ``{target}.b`` (an
+        RMSNorm has no bias: then only the weight; a strict load catches any mismatch)."""
+        out = {f"{target}.w": self.take(f"{prefix}.weight")}
+        if f"{prefix}.bias" in self.source:
+            out[f"{target}.b"] = self.take(f"{prefix}.bias")
+        return out
 
     def finish(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
         """``out`` made contiguous, or ``ValueError`` listing the source keys nobody took."""
@@ -243,9 +280,39 @@ def convert_timm_attention(
     return out
 
 
+def convert_timm_attention_pool(keys: StateDictTaker, cfg: ViTConfig, prefix: str = "attn_pool") -> dict[str, Tensor]:
+    """timm ``AttentionPoolLatent`` -> ``AttentionPool``: the latent, q and the fused kv split per
+    head, the output projection, the norm and the MLP."""
+    def per_head(weight: Tensor) -> Tensor:
+        return rearrange(weight, "(head d_head) d_model -> head d_model d_head", head=cfg.n_heads)
+
+    def per_head_bias(bias: Tensor) -> Tensor:
+        return rearrange(bias, "(head d_head) -> head d_head", head=cfg.n_heads)
+
+    dst = "attn_pool"
+    k_weight, v_weight = keys.take(f"{prefix}.kv.weight").chunk(2, dim=0)
+    k_bias, v_bias = keys.take(f"{prefix}.kv.bias").chunk(2, dim=0)
+    out = {
+        f"{dst}.W_latent": keys.take(f"{prefix}.latent")[0],
+        f"{dst}.W_Q": per_head(keys.take(f"{prefix}.q.weight")),
+        f"{dst}.b_Q": per_head_bias(keys.take(f"{prefix}.q.bias")),
+        f"{dst}.W_K": per_head(k_weight), f"{dst}.b_K": per_head_bias(k_bias),
+        f"{dst}.W_V": per_head(v_weight), f"{dst}.b_V": per_head_bias(v_bias),
+        f"{dst}.W_O": rearrange(
+            keys.take(f"{prefix}.proj.weight"), "d_model (head d_head) -> head d_head d_model", head=cfg.n_heads
+        ),
+        f"{dst}.b_O": keys.take(f"{prefix}.proj.bias"),
+        f"{dst}.mlp.W_in": keys.take(f"{prefix}.mlp.fc1.weight").T,
+        f"{dst}.mlp.b_in": keys.take(f"{prefix}.mlp.fc1.bias"),
+        f"{dst}.mlp.W_out": keys.take(f"{prefix}.mlp.fc2.weight").T,
+        f"{dst}.mlp.b_out": keys.take(f"{prefix}.mlp.fc2.bias"),
+    }
+    return out | keys.norm(f"{prefix}.norm", f"{dst}.ln")
+
+
 def convert_timm_head(keys: StateDictTaker, cfg: ViTConfig) -> dict[str, Tensor]:
-    """Final norm and classifier (and DeiT's distillation classifier)."""
-    out = {}
+    """Final norm, attention pooling and classifier (and DeiT's distillation classifier)."""
+    out = convert_timm_attention_pool(keys, cfg) if cfg.pooling == "map" else {}
     if cfg.final_norm != "none":
         out |= keys.norm("fc_norm" if cfg.final_norm == "pooled" else "norm", "ln_final")
     heads = [("head", "")] + ([("head_dist", "_dist")] if cfg.pooling == "distilled" else [])

@@ -8,7 +8,8 @@ from typing import Literal
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 ROTARY_LAYOUTS = ("none", "interleaved", "half")
-POOLINGS = ("token", "avg", "max", "avgmax", "distilled", "token_avg", "none")
+POOLINGS = ("token", "avg", "max", "avgmax", "distilled", "token_avg", "map", "none")
+NORMS = ("layer_norm", "rms_norm")
 FINAL_NORMS = ("tokens", "pooled", "none")
 
 
@@ -44,7 +45,12 @@ class ViTConfig:
             "distilled" (class and distillation tokens through two heads, averaged), "token_avg"
             (class token concatenated with the patch-token mean, HF's
             ``Dinov2ForImageClassification``), or "none" (every token, timm's ``global_pool=''``;
-            no linear classifier, ``with_head`` heads read the tokens).
+            no linear classifier, ``with_head`` heads read the tokens), or "map" (attention
+            pooling: a learned query attends over the tokens, then an MLP; SigLIP).
+        pool_include_prefix: whether avg / max / avgmax / map pooling reads the prefix tokens too
+            (timm's ``pool_include_prefix``; default: patch tokens only).
+        norm: every normalisation layer's kind, "layer_norm" or "rms_norm" (timm's ``RmsNorm``:
+            no mean subtraction, no bias; AIMv2).
         layer_scale: per-channel scales on the attention and MLP outputs (CaiT / DeiT-3).
         qkv_bias, proj_bias, patch_embed_bias: presence of those biases (proj_bias also covers
             the MLP's linear layers, as in timm).
@@ -81,7 +87,9 @@ class ViTConfig:
     pos_embed_prefix: bool = True
     pre_norm: bool = False
     final_norm: Literal["tokens", "pooled", "none"] = "tokens"
-    pooling: Literal["token", "avg", "max", "avgmax", "distilled", "token_avg", "none"] = "token"
+    pooling: Literal["token", "avg", "max", "avgmax", "distilled", "token_avg", "map", "none"] = "token"
+    pool_include_prefix: bool = False
+    norm: Literal["layer_norm", "rms_norm"] = "layer_norm"
     layer_scale: bool = False
     qkv_bias: bool = True
     proj_bias: bool = True
@@ -122,7 +130,8 @@ class ViTConfig:
         for name, value, allowed in [("activation", self.activation, ACTIVATIONS),
                                      ("pooling", self.pooling, POOLINGS),
                                      ("final_norm", self.final_norm, FINAL_NORMS),
-                                     ("rotary", self.rotary, ROTARY_LAYOUTS)]:
+                                     ("rotary", self.rotary, ROTARY_LAYOUTS),
+                                     ("norm", self.norm, NORMS)]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if (self.pooling == "token") and not self.class_token:

@@ -14,14 +14,15 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from vitlens_patch.model.components import (
+    AttentionPool,
     ClassifierHead,
-    LayerNorm,
     PatchEmbed,
     PosEmbed,
     PrefixTokens,
     TransformerBlock,
     ZeroShotHead,
     pool_tokens,
+    make_norm,
     pooled_features,
 )
 from vitlens_patch.model.config import ViTConfig
@@ -59,6 +60,11 @@ class HookedViT(HookedRootModule):
                                                              hook_pre is the gate, hook_post the product)
         blocks.{i}.mlp.ln.hook_*                             [batch, pos, d_mlp]  only when cfg.mlp_norm
         ln_final.hook_normalized  [batch, pos, d_model] ([batch, d_model] if final_norm="pooled")
+        attn_pool.hook_q / hook_z    [batch, 1, head, d_head]   only when cfg.pooling == "map":
+        attn_pool.hook_k / hook_v    [batch, key_pos, head, d_head]   the latent query attends
+        attn_pool.hook_attn_scores / hook_pattern  [batch, head, 1, key_pos]   over the tokens
+        attn_pool.hook_attn_out / hook_mlp_out, attn_pool.ln.hook_normalized   [batch, d_model]
+        attn_pool.mlp.hook_pre / hook_post   [batch, d_mlp]
         hook_pooled             [batch, d_pooled]  ([batch, 2, d_model] for distilled models,
                                                     [batch, pos, d_model] for pooling="none")
         hook_logits             [batch, n_classes]  (the features, when there is no classifier)
@@ -86,9 +92,10 @@ class HookedViT(HookedRootModule):
         self.pos_embed = PosEmbed(cfg)
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
         self.hook_full_embed = HookPoint()  # [batch, pos, d_model]
-        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.pre_norm else None
+        self.ln_pre = make_norm(cfg, cfg.d_model) if cfg.pre_norm else None
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.ln_final = LayerNorm(cfg.d_model, cfg.eps) if cfg.final_norm != "none" else None
+        self.ln_final = make_norm(cfg, cfg.d_model) if cfg.final_norm != "none" else None
+        self.attn_pool = AttentionPool(cfg) if cfg.pooling == "map" else None
         self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model] distilled)
         self.head = ClassifierHead(cfg) if cfg.n_classes else None
         self.hook_logits = HookPoint()  # [batch, n_classes] (features without a classifier)
@@ -170,7 +177,7 @@ class HookedViT(HookedRootModule):
         there is no classifier, see the class docstring)."""
         if self.cfg.final_norm == "tokens":
             resid = self.ln_final(resid)
-        pooled = pool_tokens(resid, self.cfg)
+        pooled = pool_tokens(resid, self.cfg) if self.attn_pool is None else self.attn_pool(resid)
         if self.cfg.final_norm == "pooled":
             pooled = self.ln_final(pooled)
         pooled = self.hook_pooled(pooled)

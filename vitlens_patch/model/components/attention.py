@@ -9,7 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from vitlens_patch.model.components.layer_norm import LayerNorm, is_hooked
+from vitlens_patch.model.components.layer_norm import is_hooked, make_norm
 from vitlens_patch.model.components.rotary import RotaryEmbedding
 from vitlens_patch.model.config import ViTConfig
 
@@ -38,10 +38,10 @@ class Attention(nn.Module):
         bias = (lambda: nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))) if cfg.qkv_bias else (lambda: None)
         self.b_Q, self.b_K, self.b_V = bias(), bias(), bias()
         self.b_O = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.proj_bias else None
-        self.q_norm = LayerNorm(cfg.d_head, cfg.eps) if cfg.qk_norm else None
-        self.k_norm = LayerNorm(cfg.d_head, cfg.eps) if cfg.qk_norm else None
+        self.q_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(cfg) if cfg.rotary != "none" else None
-        self.ln = LayerNorm(cfg.n_heads * cfg.d_head, cfg.eps) if cfg.attn_norm else None
+        self.ln = make_norm(cfg, cfg.n_heads * cfg.d_head) if cfg.attn_norm else None
         self.use_attn_result = False
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]: after qk-norm and rotary
         self.hook_k = HookPoint()  # [batch, pos, head, d_head]: after qk-norm and rotary

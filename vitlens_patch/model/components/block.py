@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from vitlens_patch.model.components.attention import Attention
-from vitlens_patch.model.components.layer_norm import LayerNorm
+from vitlens_patch.model.components.layer_norm import make_norm
 from vitlens_patch.model.components.mlp import MLP, GatedMLP
 from vitlens_patch.model.config import ViTConfig
 
@@ -22,9 +22,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
+        self.ln1 = make_norm(cfg, cfg.d_model)
         self.attn = Attention(cfg)
-        self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
+        self.ln2 = make_norm(cfg, cfg.d_model)
         self.mlp = GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)
         self.gamma_attn = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
         self.gamma_mlp = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None

@@ -16,7 +16,8 @@ def pool_tokens(resid: Float[Tensor, "batch pos d_model"], cfg: ViTConfig) -> Te
     Returns [batch, d_model]; [batch, 2, d_model] (class and distillation token) when
     ``cfg.pooling == "distilled"``; [batch, 2 * d_model] (class token, then the patch-token mean)
     for "token_avg"; every token [batch, pos, d_model] for "none". Average and max pooling read
-    the patch tokens only.
+    the patch tokens only, or every token with ``cfg.pool_include_prefix``. Attention pooling
+    ("map") is a module, ``AttentionPool``.
     """
     if cfg.pooling == "none":
         return resid
@@ -24,9 +25,11 @@ def pool_tokens(resid: Float[Tensor, "batch pos d_model"], cfg: ViTConfig) -> Te
         return resid[:, 0]
     if cfg.pooling == "distilled":
         return resid[:, :2]
-    patches = resid[:, cfg.n_prefix_tokens :]
     if cfg.pooling == "token_avg":
-        return torch.cat([resid[:, 0], patches.mean(dim=1)], dim=-1)
+        return torch.cat([resid[:, 0], resid[:, cfg.n_prefix_tokens :].mean(dim=1)], dim=-1)
+    patches = resid if cfg.pool_include_prefix else resid[:, cfg.n_prefix_tokens :]
+    if cfg.pooling == "map":
+        raise ValueError("pooling='map' needs the model's AttentionPool module (HookedViT.attn_pool)")
     if cfg.pooling == "avg":
         return patches.mean(dim=1)
     if cfg.pooling == "max":

@@ -1,4 +1,4 @@
-"""LayerNorm with TransformerLens hook points."""
+"""LayerNorm and RMSNorm with TransformerLens hook points."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
+
+from vitlens_patch.model.config import ViTConfig
 
 
 def is_hooked(hook_point: HookPoint) -> bool:
@@ -37,3 +39,27 @@ class LayerNorm(nn.Module):
         else:
             x = F.layer_norm(x, self.w.shape, self.w, self.b, self.eps)
         return self.hook_normalized(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, ``x / scale * w`` with ``scale = sqrt(mean(x^2) + eps)`` (no
+    mean subtraction, no bias: timm's ``RmsNorm``). Hook points as ``LayerNorm``'s."""
+
+    def __init__(self, length: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(length))
+        self.hook_scale = HookPoint()  # [..., 1]: sqrt(mean(x^2) + eps)
+        self.hook_normalized = HookPoint()  # [..., length]: after w
+
+    def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+        if is_hooked(self.hook_scale):
+            x = x / self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()) * self.w
+        else:
+            x = F.rms_norm(x, self.w.shape, self.w, self.eps)
+        return self.hook_normalized(x)
+
+
+def make_norm(cfg: ViTConfig, length: int) -> LayerNorm | RMSNorm:
+    """The model's normalisation (``cfg.norm``) over ``length`` channels."""
+    return RMSNorm(length, cfg.eps) if cfg.norm == "rms_norm" else LayerNorm(length, cfg.eps)

@@ -8,8 +8,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from vitlens_patch.model.components.layer_norm import LayerNorm
-
+from vitlens_patch.model.components.layer_norm import make_norm
 from vitlens_patch.model.config import ViTConfig
 
 
@@ -35,7 +34,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.ln = LayerNorm(cfg.d_mlp, cfg.eps) if cfg.mlp_norm else None
+        self.ln = make_norm(cfg, cfg.d_mlp) if cfg.mlp_norm else None
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
         self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp)) if cfg.proj_bias else None

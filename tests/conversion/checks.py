@@ -1,0 +1,57 @@
+"""Shared parity and tool checks for every converted family (HF towers, timm VisionTransformer
+variants): relative error, live hooks, and the patching tools against per-cell references."""
+
+from __future__ import annotations
+
+import torch
+
+from vitlens_patch.model import HookedViT
+
+# 2 layers, d_model 32; 1e-5 relative to the activation scale (the issue's tolerance).
+TOLERANCE = 1e-5
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def assert_every_hook_is_live(model: HookedViT, images: torch.Tensor) -> None:
+    """Adding noise at any hook point changes the output (per-head results included when the
+    model defines them)."""
+    model.set_use_attn_result(not model.cfg.attn_norm)
+    try:
+        with torch.no_grad():
+            clean = model(images)
+            for name in model.hook_dict:
+                def perturb(act, hook):  # scaled to the activation, not constant (LayerNorms remove shifts)
+                    noise = torch.randn(act.shape, generator=torch.Generator().manual_seed(0))
+                    return act + 0.1 * (act.std() + 1e-3) * noise
+
+                perturbed = model.run_with_hooks(images, fwd_hooks=[(name, perturb)])
+                assert not torch.allclose(perturbed, clean), name
+    finally:
+        model.set_use_attn_result(False)
+
+
+def assert_tools_match_references(model: HookedViT, clean: torch.Tensor) -> None:
+    """trace_layers, trace_grid (two cells per layer) and CAAP on a 2-layer model equal their
+    per-cell ``run_with_hooks`` references within TOLERANCE; a backbone gets a linear probe."""
+    from tests.patching.test_tracing import reference_scores, window_cells
+    from tests.references import caap_per_patch_reference
+    from vitlens_patch.attribution.caap import caap
+    from vitlens_patch.patching.tracing import trace_grid, trace_layers
+
+    if not model.cfg.n_classes:  # backbones get a linear probe (the same for every run)
+        torch.manual_seed(0)
+        model = model.with_head(torch.nn.Linear(model.cfg.d_pooled, 5))
+    corrupted = clean + 1.5 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))
+    positions = (0, model.cfg.n_prefix_tokens + 3)
+    layers = trace_layers(model, clean, corrupted, kind="attn", window=1, positions=list(positions), progress=False)
+    expected = reference_scores(model, clean, corrupted, window_cells(model, "hook_attn_out", 1, positions))
+    assert (layers.effects + layers.corrupted_score[:, None] - expected).abs().max() <= TOLERANCE
+    grid = trace_grid(model, clean, corrupted, kind="resid_pre", window=1, positions=list(positions), progress=False)
+    expected = reference_scores(model, clean, corrupted, window_cells(model, "hook_resid_pre", 1, positions, per_token=True))
+    assert (grid.effects + grid.corrupted_score[:, None, None] - expected.reshape(grid.effects.shape)).abs().max() <= TOLERANCE
+    maps = caap(model, clean[:1], layers=(0, 2), progress=False)
+    assert (maps - caap_per_patch_reference(model, clean[:1], layers=(0, 2))).abs().max() <= TOLERANCE

@@ -1,0 +1,89 @@
+"""timm ``VisionTransformer`` variants (attention pooling, RMSNorm, ...) -> HookedViT: parity on
+small perturbed instances, live hooks, and the patching tools against per-cell references."""
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from tests.conversion.checks import TOLERANCE, assert_every_hook_is_live, assert_tools_match_references, relative_error
+from vitlens_patch.model import HookedViT
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+# family -> VisionTransformer kwargs over TINY
+FAMILIES = {
+    "siglip_map_pool": dict(class_token=False, global_pool="map", act_layer="gelu_tanh"),
+    "map_pool_class_token_registers": dict(global_pool="map", reg_tokens=2),
+    "map_pool_include_prefix_headless": dict(global_pool="map", pool_include_prefix=True, num_classes=0),
+    "rms_norm_qk_norm": dict(norm_layer="rmsnorm", qk_norm=True, global_pool="avg"),
+}
+
+
+def tiny_vit(**overrides) -> VisionTransformer:
+    """A 2-layer VisionTransformer with every parameter perturbed (so a misplaced one shows), in eval mode."""
+    torch.manual_seed(0)
+    model = VisionTransformer(**(TINY | overrides))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def images(model, batch: int = 3) -> torch.Tensor:
+    height, width = model.patch_embed.img_size
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_output_and_every_residual_stream_match_timm(family):
+    model = tiny_vit(**FAMILIES[family])
+    hooked = HookedViT.from_timm(model)
+    x = images(model)
+    with torch.no_grad():
+        blocks = []
+        handles = [block.register_forward_hook(lambda m, i, o: blocks.append(o)) for block in model.blocks]
+        expected = model(x)
+        for handle in handles:
+            handle.remove()
+        output, cache = hooked.run_with_cache(x, names_filter=lambda name: name.endswith("hook_resid_post"))
+    assert output.shape == expected.shape
+    assert relative_error(output, expected) <= TOLERANCE
+    assert len(blocks) == hooked.cfg.n_layers
+    for layer, block_out in enumerate(blocks):
+        assert relative_error(cache["resid_post", layer], block_out) <= TOLERANCE, layer
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_hook_is_live(family):
+    model = tiny_vit(**FAMILIES[family])
+    assert_every_hook_is_live(HookedViT.from_timm(model), images(model, 2))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_trace_layers_trace_grid_and_caap_match_per_cell_references(family):
+    model = tiny_vit(**FAMILIES[family])
+    assert_tools_match_references(HookedViT.from_timm(model), images(model, 2))
+
+
+def test_attention_pool_hooks_have_their_documented_shapes():
+    model = HookedViT.from_timm(tiny_vit(**FAMILIES["map_pool_class_token_registers"]))
+    _, cache = model.run_with_cache(torch.randn(2, 3, 32, 32), names_filter=lambda name: name.startswith("attn_pool"))
+    n_keys, d_mlp = model.cfg.n_patches, model.cfg.d_mlp
+    assert cache["attn_pool.hook_q"].shape == (2, 1, 2, 16)
+    assert cache["attn_pool.hook_k"].shape == cache["attn_pool.hook_v"].shape == (2, n_keys, 2, 16)
+    assert cache["attn_pool.hook_pattern"].shape == (2, 2, 1, n_keys)
+    assert cache["attn_pool.hook_z"].shape == (2, 1, 2, 16)
+    assert cache["attn_pool.hook_attn_out"].shape == cache["attn_pool.hook_mlp_out"].shape == (2, 32)
+    assert cache["attn_pool.mlp.hook_post"].shape == (2, d_mlp)
+    assert torch.allclose(cache["attn_pool.hook_pattern"].sum(-1), torch.ones(2, 2, 1))
+
+
+def test_timm_siglip_by_name():
+    model = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, depth=2, embed_dim=64,
+                              num_heads=2).eval()
+    hooked = HookedViT.from_timm(model)
+    assert hooked.cfg.pooling == "map"
+    x = images(model, 2)
+    with torch.no_grad():
+        assert relative_error(hooked(x), model(x)) <= TOLERANCE
