@@ -6,6 +6,7 @@ import transformers
 from transformers import (
     CLIPVisionConfig,
     DeiTConfig,
+    SiglipVisionConfig,
     Dinov2Config,
     Dinov2WithRegistersConfig,
     ViTConfig,
@@ -37,6 +38,7 @@ FAMILIES = {
         DeiTConfig(**COMMON, **MLP, num_labels=5, hidden_act="gelu_new"), lambda out: out.logits
     ),
     "ViTModel": (ViTConfig(**COMMON, **MLP, layer_norm_eps=0.5), lambda out: out.last_hidden_state[:, 0]),
+    "SiglipVisionModel": (SiglipVisionConfig(**COMMON, **MLP), lambda out: out.pooler_output),
 }
 
 

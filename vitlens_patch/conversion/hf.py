@@ -341,7 +341,7 @@ def from_hf(model_or_name: PreTrainedModel | str | os.PathLike, image_processor=
     ``ViTForImageClassification`` converts through timm (``timm_model_from_hf``, same arguments)
     and ``from_timm``, which reads ``data_config`` off the timm model's ``pretrained_cfg`` (the
     image processor's mean, std, resampling); ``class_names`` come from ``config.id2label``. The
-    towers and backbones of ``hf_towers.HF_CONVERTERS`` (CLIP, DINOv2, DeiT, ``ViTModel``)
+    towers and backbones of ``hf_towers.HF_CONVERTERS`` (CLIP, SigLIP, DINOv2, DeiT, ``ViTModel``)
     convert key by key with ``hf_towers.hooked_vit_from_hf_tower``; a name is loaded with the
     class its config's ``architectures`` names.
 

@@ -1,4 +1,4 @@
-"""Hugging Face vision towers and backbones -> HookedViT: CLIP, DINOv2, DeiT, headless ViT.
+"""Hugging Face vision towers and backbones -> HookedViT: CLIP, SigLIP, DINOv2, DeiT, headless ViT.
 
 One converter per HF class (``HF_CONVERTERS``): each reads a ``ViTConfig`` off the HF config,
 refusing with ``NotImplementedError`` what HookedViT cannot represent, and maps the HF state dict
@@ -18,6 +18,7 @@ What each HookedViT returns (``model(images)``), equal to the HF output named:
 | ``DeiTForImageClassification`` | ``logits`` (class token; the distillation token is a prefix token) |
 | ``DeiTForImageClassificationWithTeacher`` | ``logits`` (mean of the two heads) |
 | ``ViTModel`` | ``last_hidden_state[:, 0]`` (normed class token; the tanh pooler is not converted) |
+| ``SiglipVisionModel`` | ``pooler_output`` (attention pooling; ``last_hidden_state`` without the head) |
 
 Key names are transformers 5's (the state dict of a built model; ``from_pretrained`` renames
 older checkpoints itself). Models run at the config's ``image_size``.
@@ -76,6 +77,18 @@ def _fold_class_position(state: dict[str, Tensor], cfg: ViTConfig) -> dict[str, 
         return state
     pos = state["pos_embed"]
     return state | {"cls_token": state["cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:]}
+
+
+def _split_pool_in_proj(state: dict[str, Tensor], cfg: ViTConfig) -> dict[str, Tensor]:
+    """``nn.MultiheadAttention``'s fused in-projection (q, k, v stacked) -> timm
+    ``AttentionPoolLatent``'s ``q`` and fused ``kv`` (SigLIP's pooling head)."""
+    if "attn_pool.in_proj.weight" not in state:
+        return state
+    state = dict(state)
+    for param in ("weight", "bias"):
+        fused = state.pop(f"attn_pool.in_proj.{param}")
+        state[f"attn_pool.q.{param}"], state[f"attn_pool.kv.{param}"] = fused[: cfg.d_model], fused[cfg.d_model :]
+    return state
 
 
 def _encoder_config(hf_config, d_mlp: int, **fields) -> ViTConfig:
@@ -141,6 +154,40 @@ def _clip_key_sources(p: str, cfg: ViTConfig) -> dict[str, tuple[str, ...]]:
     sources |= _layer_sources(f"{p}encoder.layers.", _CLIP_LAYER, cfg)
     if cfg.n_classes:
         sources["head.weight"] = ("visual_projection.weight",)
+    return sources
+
+
+# --------------------------------------------------------------------------------- SigLIP
+def _siglip_config(hf_config) -> ViTConfig:
+    # no class token; the attention-pooling head reads every token (there are no prefix tokens)
+    return _encoder_config(
+        hf_config, hf_config.intermediate_size, class_token=False, final_norm="tokens", n_classes=0,
+        pooling="map" if hf_config.vision_use_head else "none",
+    )
+
+
+def _siglip_sources(hf_config, cfg: ViTConfig) -> dict[str, tuple[str, ...]]:
+    sources = {
+        "pos_embed": ("embeddings.position_embedding.weight",),
+        "patch_embed.proj.weight": ("embeddings.patch_embedding.weight",),
+        "patch_embed.proj.bias": ("embeddings.patch_embedding.bias",),
+        "norm.weight": ("post_layernorm.weight",),
+        "norm.bias": ("post_layernorm.bias",),
+    }
+    sources |= _layer_sources("encoder.layers.", _CLIP_LAYER, cfg)
+    if cfg.pooling == "map":
+        sources |= {
+            "attn_pool.latent": ("head.probe",),
+            "attn_pool.in_proj.weight": ("head.attention.in_proj_weight",),  # split by _split_pool_in_proj
+            "attn_pool.in_proj.bias": ("head.attention.in_proj_bias",),
+            "attn_pool.proj.weight": ("head.attention.out_proj.weight",),
+            "attn_pool.proj.bias": ("head.attention.out_proj.bias",),
+            "attn_pool.norm.weight": ("head.layernorm.weight",),
+            "attn_pool.norm.bias": ("head.layernorm.bias",),
+        }
+        for layer in ("fc1", "fc2"):
+            for param in ("weight", "bias"):
+                sources[f"attn_pool.mlp.{layer}.{param}"] = (f"head.mlp.{layer}.{param}",)
     return sources
 
 
@@ -239,6 +286,7 @@ HF_CONVERTERS: dict[str, HFConverter] = {
         lambda c: _vit_config(c, distilled=False, pooling="token", n_classes=0),
         _vit_sources("", {}), lambda c: _POOLER_UNUSED,
     ),
+    "SiglipVisionModel": HFConverter(_siglip_config, _siglip_sources),
 }
 
 # Token-shaped parameters HF stores without timm's leading batch axis.
@@ -285,7 +333,7 @@ def convert_hf_tower_state_dict(
             f"HF {class_name} state_dict does not match its config: missing keys {missing}, "
             f"unexpected keys {sorted(remaining)}"
         )
-    return cfg, _fold_class_position(converted, cfg)
+    return cfg, _split_pool_in_proj(_fold_class_position(converted, cfg), cfg)
 
 
 def hooked_vit_from_hf_tower(hf_model, image_processor=None) -> HookedViT:
