@@ -3,10 +3,19 @@
 - :func:`grayscale_study`: which layers carry colour information (colour = clean, grayscale =
   corrupted), per layer, per class and per image, with colour vs grayscale accuracy.
 - :func:`caap_layer_sweep`: CAAP's block range chosen by a faithfulness metric (CAAP itself is the
-  attribution method :func:`vitlens_patch.attribution.caap`).
+  attribution method :func:`vitlens_patch.attribution.caap`) over :func:`default_sweep_ranges`;
+  :func:`caap_sweep_cost` gives its cost in forward passes before it runs.
 """
 
-from vitlens_patch.recipes.caap_sweep import LayerSweepResult, caap_layer_sweep
+from vitlens_patch.recipes.caap_sweep import (
+    LayerSweepResult,
+    caap_layer_sweep,
+    caap_sweep_cost,
+    default_sweep_ranges,
+)
 from vitlens_patch.recipes.grayscale_study import GrayscaleStudyResult, grayscale_study, measure_grayscale
 
-__all__ = ["GrayscaleStudyResult", "LayerSweepResult", "caap_layer_sweep", "grayscale_study", "measure_grayscale"]
+__all__ = [
+    "GrayscaleStudyResult", "LayerSweepResult", "caap_layer_sweep", "caap_sweep_cost", "default_sweep_ranges",
+    "grayscale_study", "measure_grayscale",
+]
