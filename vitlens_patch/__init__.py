@@ -27,6 +27,7 @@ _PUBLIC = {
     "evaluate": "vitlens_patch.evaluation",
     "EvaluationSet": "vitlens_patch.evaluation",
     "EvaluationResult": "vitlens_patch.evaluation",
+    "explore": "vitlens_patch.widgets",
 }
 _SUBMODULES = {
     "corruptions": "vitlens_patch.patching.corruptions",
@@ -36,6 +37,7 @@ _SUBMODULES = {
     "pretrained": "vitlens_patch.pretrained",
     "recipes": "vitlens_patch.recipes",
     "evaluation": "vitlens_patch.evaluation",
+    "widgets": "vitlens_patch.widgets",
 }
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
