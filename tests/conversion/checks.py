@@ -55,3 +55,34 @@ def assert_tools_match_references(model: HookedViT, clean: torch.Tensor) -> None
     assert (grid.effects + grid.corrupted_score[:, None, None] - expected.reshape(grid.effects.shape)).abs().max() <= TOLERANCE
     maps = caap(model, clean[:1], layers=(0, 2), progress=False)
     assert (maps - caap_per_patch_reference(model, clean[:1], layers=(0, 2))).abs().max() <= TOLERANCE
+
+
+def perturb_parameters(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """``model`` in eval mode with every parameter perturbed, so that a dropped, swapped or
+    misplaced one shows (norm weights not 1, biases and bias tables not 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator).to(parameter.dtype))
+    return model.eval()
+
+
+def assert_timm_parity(timm_model: torch.nn.Module, images: torch.Tensor) -> HookedViT:
+    """``HookedViT.from_timm(timm_model)``: its output and every block's output (``resid_post``)
+    within TOLERANCE of the timm model's; returns the converted model."""
+    hooked = HookedViT.from_timm(timm_model)
+    with torch.no_grad():
+        expected_blocks = []
+        handles = [b.register_forward_hook(lambda m, i, o: expected_blocks.append(o)) for b in timm_model.blocks]
+        try:
+            expected = timm_model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        output, cache = hooked.run_with_cache(images, names_filter=lambda name: name.endswith("hook_resid_post"))
+    assert output.shape == expected.shape
+    assert relative_error(output, expected) <= TOLERANCE
+    assert len(expected_blocks) == hooked.cfg.n_layers
+    for layer, block_out in enumerate(expected_blocks):
+        assert relative_error(cache["resid_post", layer], block_out) <= TOLERANCE, layer
+    return hooked

@@ -101,7 +101,7 @@ def test_from_timm_copies_data_config():
 
 UNSUPPORTED = [
     (lambda: timm.create_model("resnet18", pretrained=False), "model class ResNet"),
-    (lambda: timm.create_model("beit_base_patch16_224", pretrained=False), "model class Beit"),
+    (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False), "model class SwinTransformer"),
     (lambda: tiny_timm_vit(global_pool="prr"), "global_pool=.prr. is not supported"),
     (lambda: tiny_timm_vit(dynamic_img_size=True), "dynamic_img_size"),
     (lambda: tiny_timm_vit(global_pool=""), "global_pool='' with a classifier"),

@@ -25,7 +25,7 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     from timm.layers.attention import AttentionRope
     from timm.models.eva import EvaAttention, EvaBlock
 
-    from vitlens_patch.conversion.timm import activation_name, layer_norm_eps, timm_blocks
+    from vitlens_patch.conversion.timm import layer_norm_eps, timm_blocks
 
     if model.attn_pool is not None:
         raise NotImplementedError(f"Eva global_pool={model.global_pool!r} (attention pooling) is not supported")
@@ -71,14 +71,8 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
             raise NotImplementedError(f"{name}: a LayerNorm eps different from the blocks' is not supported")
     if model.rope is not None and type(model.rope).__name__ not in ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMixed"):
         raise NotImplementedError(f"rotary embedding {type(model.rope).__name__} is not supported")
-    gated = type(mlp) is not Mlp
-    if gated:
-        d_mlp = mlp.fc2.in_features
-        qkv_linear = mlp.fc1 if type(mlp) is GluMlp else mlp.fc1_x
-        proj_bias = qkv_linear.bias is not None
-    else:
-        d_mlp, proj_bias = mlp.fc1.out_features, mlp.fc1.bias is not None
-    if (attn.proj.bias is not None) != proj_bias:
+    mlp_fields = eva_mlp_fields(mlp)
+    if (attn.proj.bias is not None) != mlp_fields["proj_bias"]:
         raise NotImplementedError("attention projection and MLP with different bias settings are not supported")
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
     has_norm = not isinstance(model.norm, nn.Identity)
@@ -87,7 +81,6 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
         d_model=model.embed_dim,
         n_heads=attn.num_heads,
         d_head=attn.head_dim,
-        d_mlp=d_mlp,
         img_size=tuple(embed.img_size),
         patch_size=tuple(embed.patch_size),
         n_classes=model.num_classes,
@@ -100,17 +93,32 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
         pooling=model.global_pool or "none",
         layer_scale=first.gamma_1 is not None,
         qkv_bias=(attn.q_bias is not None) if type(attn) is EvaAttention else (attn.qkv.bias is not None),
-        proj_bias=proj_bias,
         patch_embed_bias=embed.proj.bias is not None,
         qk_norm=qk_norm,
-        activation="silu" if type(mlp) is GluMlp else activation_name(mlp.act),
         eps=eps,
         abs_pos_embed=model.pos_embed is not None,
         rotary="none" if model.rope is None else ("half" if attn.rotate_half else "interleaved"),
         rotary_per_head=model.rope_mixed,
-        gated_mlp=gated,
-        mlp_norm=mlp_norm,
         attn_norm=attn_norm,
+        **mlp_fields,
+    )
+
+
+def eva_mlp_fields(mlp: nn.Module) -> dict:
+    """The ViTConfig fields of an Eva / BEiT MLP (timm ``Mlp``, ``SwiGLU`` or ``GluMlp``): d_mlp,
+    gated_mlp, mlp_norm, activation and proj_bias (its linear layers' bias)."""
+    from timm.layers import GluMlp, Mlp
+
+    from vitlens_patch.conversion.timm import activation_name
+
+    gated = type(mlp) is not Mlp
+    linear = (mlp.fc1 if type(mlp) is GluMlp else mlp.fc1_x) if gated else mlp.fc1
+    return dict(
+        d_mlp=mlp.fc2.in_features,
+        gated_mlp=gated,
+        mlp_norm=not isinstance(mlp.norm, nn.Identity),
+        activation="silu" if type(mlp) is GluMlp else activation_name(mlp.act),
+        proj_bias=linear.bias is not None,
     )
 
 
@@ -124,6 +132,17 @@ def rotary_tables(model: nn.Module, cfg: ViTConfig) -> Tensor:
     if cfg.rotary_per_head:  # [layer, head, n_patches, 2 d_head]
         return rearrange(table, "layer head patch d -> layer patch head d")
     return rearrange(table, "patch d -> 1 patch 1 d").expand(cfg.n_layers, -1, -1, -1)
+
+
+def config_from_model(model: nn.Module) -> ViTConfig:
+    """``config_from_eva`` (the name ``conversion.timm.FAMILY_CONVERTERS`` calls)."""
+    return config_from_eva(model)
+
+
+def state_dict_from_model(model: nn.Module, cfg: ViTConfig) -> dict[str, Tensor]:
+    """The HookedViT state dict of a built timm Eva (its rotary tables read at the built grid)."""
+    rotary = rotary_tables(model, cfg) if cfg.rotary != "none" else None
+    return convert_eva_state_dict(model.state_dict(), cfg, rotary)
 
 
 def convert_eva_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig, rotary: Tensor | None = None) -> dict[str, Tensor]:
@@ -158,28 +177,37 @@ def convert_eva_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig, rotary
         if cfg.rotary != "none":
             sin, cos = rotary[i].chunk(2, dim=-1)
             out[f"{dst}.attn.rotary.sin"], out[f"{dst}.attn.rotary.cos"] = sin, cos
-        if f"{src}.mlp.fc1_g.weight" in keys:  # SwiGLU: separate gate and linear branches
-            out[f"{dst}.mlp.W_gate"] = keys.take(f"{src}.mlp.fc1_g.weight").T
-            out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1_x.weight").T
-            biases = [f"{src}.mlp.fc1_g.bias", f"{src}.mlp.fc1_x.bias"]
-        elif cfg.gated_mlp:  # GluMlp: one packed projection, gate first
-            out[f"{dst}.mlp.W_gate"], out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T.chunk(2, dim=-1)
-            biases = [f"{src}.mlp.fc1.bias"]
-        else:
-            out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T
-            biases = [f"{src}.mlp.fc1.bias"]
-        out[f"{dst}.mlp.W_out"] = keys.take(f"{src}.mlp.fc2.weight").T
-        if cfg.proj_bias:
-            if cfg.gated_mlp and len(biases) == 2:
-                out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = keys.take(biases[0]), keys.take(biases[1])
-            elif cfg.gated_mlp:
-                out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = keys.take(biases[0]).chunk(2)
-            else:
-                out[f"{dst}.mlp.b_in"] = keys.take(biases[0])
-            out[f"{dst}.mlp.b_out"] = keys.take(f"{src}.mlp.fc2.bias")
-        if cfg.mlp_norm:
-            out |= keys.norm(f"{src}.mlp.norm", f"{dst}.mlp.ln")
+        out |= convert_eva_mlp(keys, cfg, i)
         if cfg.layer_scale:
             out[f"{dst}.gamma_attn"] = keys.take(f"{src}.gamma_1")
             out[f"{dst}.gamma_mlp"] = keys.take(f"{src}.gamma_2")
     return keys.finish(out | convert_timm_head(keys, cfg))
+
+
+def convert_eva_mlp(keys, cfg: ViTConfig, layer: int) -> dict[str, Tensor]:
+    """Block ``layer``'s MLP as Eva and BEiT build it: timm ``Mlp``, ``SwiGLU`` (separate gate and
+    linear branches) or ``GluMlp`` (one packed projection, gate first), with its sub-LN."""
+    src = dst = f"blocks.{layer}"
+    out = {}
+    if f"{src}.mlp.fc1_g.weight" in keys:  # SwiGLU: separate gate and linear branches
+        out[f"{dst}.mlp.W_gate"] = keys.take(f"{src}.mlp.fc1_g.weight").T
+        out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1_x.weight").T
+        biases = [f"{src}.mlp.fc1_g.bias", f"{src}.mlp.fc1_x.bias"]
+    elif cfg.gated_mlp:  # GluMlp: one packed projection, gate first
+        out[f"{dst}.mlp.W_gate"], out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T.chunk(2, dim=-1)
+        biases = [f"{src}.mlp.fc1.bias"]
+    else:
+        out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T
+        biases = [f"{src}.mlp.fc1.bias"]
+    out[f"{dst}.mlp.W_out"] = keys.take(f"{src}.mlp.fc2.weight").T
+    if cfg.proj_bias:
+        if cfg.gated_mlp and len(biases) == 2:
+            out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = keys.take(biases[0]), keys.take(biases[1])
+        elif cfg.gated_mlp:
+            out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = keys.take(biases[0]).chunk(2)
+        else:
+            out[f"{dst}.mlp.b_in"] = keys.take(biases[0])
+        out[f"{dst}.mlp.b_out"] = keys.take(f"{src}.mlp.fc2.bias")
+    if cfg.mlp_norm:
+        out |= keys.norm(f"{src}.mlp.norm", f"{dst}.mlp.ln")
+    return out

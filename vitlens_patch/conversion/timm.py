@@ -9,6 +9,7 @@ patch size. Anything else raises ``NotImplementedError`` naming the feature.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -72,6 +73,22 @@ def timm_blocks(model: nn.Module, block_type: type, what: str = "block type") ->
     return blocks
 
 
+# timm model classes other than VisionTransformer, each converted by its own module under
+# conversion/, which defines config_from_model(model) -> ViTConfig and
+# state_dict_from_model(model, cfg) -> HookedViT state dict.
+FAMILY_CONVERTERS = {
+    "timm.models.eva.Eva": "vitlens_patch.conversion.eva",
+    "timm.models.beit.Beit": "vitlens_patch.conversion.beit",
+}
+
+
+def family_converter(model: nn.Module):
+    """The conversion module for ``model``'s timm class (see ``FAMILY_CONVERTERS``), or None."""
+    cls = type(model)
+    module = FAMILY_CONVERTERS.get(f"{cls.__module__}.{cls.__qualname__}")
+    return None if module is None else importlib.import_module(module)
+
+
 def config_from_timm(model: nn.Module) -> ViTConfig:
     """Read a ViTConfig off a built timm VisionTransformer, refusing what HookedViT cannot represent.
 
@@ -81,17 +98,15 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     from timm.layers import Mlp, PatchEmbed
     from timm.layers.attention import Attention
     from timm.models.deit import VisionTransformerDistilled
-    from timm.models.eva import Eva
     from timm.models.vision_transformer import Block, VisionTransformer
 
-    if type(model) is Eva:
-        from vitlens_patch.conversion.eva import config_from_eva
-
-        return config_from_eva(model)
+    family = family_converter(model)
+    if family is not None:
+        return family.config_from_model(model)
     if not isinstance(model, VisionTransformer):
         raise NotImplementedError(
             f"model class {type(model).__name__} is not supported; HookedViT converts timm "
-            f"VisionTransformer (vit_*, deit_*) and Eva (eva*, EVA-02, RoPE-ViT, DINOv3) models"
+            f"VisionTransformer (vit_*, deit_*) and {', '.join(name.rsplit('.', 1)[1] for name in FAMILY_CONVERTERS)} models"
         )
     distilled = isinstance(model, VisionTransformerDistilled)
     if type(model) not in (VisionTransformer, VisionTransformerDistilled):
@@ -392,13 +407,9 @@ def from_timm(model_or_name: Any, pretrained: bool = False, **timm_kwargs) -> Ho
 def _convert_state_dict(model: nn.Module, cfg: ViTConfig) -> dict[str, Tensor]:
     """The HookedViT state dict of a timm model, as fresh tensors (never views of the model's own:
     the converted model is assigned them and shares no memory with its original)."""
-    from timm.models.eva import Eva
-
-    if type(model) is Eva:
-        from vitlens_patch.conversion.eva import convert_eva_state_dict, rotary_tables
-
-        rotary = rotary_tables(model, cfg) if cfg.rotary != "none" else None
-        state = convert_eva_state_dict(model.state_dict(), cfg, rotary)
+    family = family_converter(model)
+    if family is not None:
+        state = family.state_dict_from_model(model, cfg)
     else:
         state = convert_timm_state_dict(model.state_dict(), cfg)
     return {key: value.clone(memory_format=torch.contiguous_format) for key, value in state.items()}

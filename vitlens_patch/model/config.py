@@ -70,6 +70,12 @@ class ViTConfig:
         mlp_norm: LayerNorm on the MLP hidden activations before W_out (EVA-02's sub-LN).
         attn_norm: LayerNorm on the concatenated head outputs before W_O (timm's
             ``scale_attn_inner``); per-head results (``hook_result``) are then not defined.
+        n_relative_positions: rows of each attention layer's learned relative position bias table
+            (BEiT, timm's ``VisionTransformerRelPos``); 0: no relative position bias.
+        post_norm: blocks normalise their branch outputs instead of their inputs (timm's
+            ``ResPostBlock``, ``EvaBlockPostNorm``): ``resid_mid = resid_pre + ln1(attn(resid_pre))``.
+        attn_only_layer_scale: with ``layer_scale``, only the attention branch is scaled (timm's
+            ``attn_only_layer_scale``, Sapiens2).
     """
 
     n_layers: int
@@ -104,6 +110,9 @@ class ViTConfig:
     gated_mlp: bool = False
     mlp_norm: bool = False
     attn_norm: bool = False
+    n_relative_positions: int = 0
+    post_norm: bool = False
+    attn_only_layer_scale: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", _pair(self.img_size))
@@ -142,6 +151,10 @@ class ViTConfig:
             raise ValueError("rotary_per_head=True needs a rotary layout, got rotary='none'")
         if self.rotary != "none" and self.d_head % 2:
             raise ValueError(f"rotary position embeddings need an even d_head, got {self.d_head}")
+        if self.n_relative_positions < 0:
+            raise ValueError(f"n_relative_positions must be >= 0 (0: no relative position bias), got {self.n_relative_positions}")
+        if self.attn_only_layer_scale and not self.layer_scale:
+            raise ValueError("attn_only_layer_scale=True needs layer_scale=True")
         if self.pooling == "token_avg" and not self.class_token:
             raise ValueError("pooling='token_avg' needs class_token=True")
 

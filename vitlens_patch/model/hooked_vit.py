@@ -52,6 +52,8 @@ class HookedViT(HookedRootModule):
                                                              (q, k after qk-norm and rotary)
         blocks.{i}.attn.ln.hook_*    [batch, pos, head * d_head]  only when cfg.attn_norm
         blocks.{i}.attn.hook_attn_scores / hook_pattern      [batch, head, query_pos, key_pos]
+                                                             (scores: scaled, plus the relative
+                                                             position bias when cfg.n_relative_positions)
         blocks.{i}.attn.hook_result                          [batch, pos, head, d_model]
                                                              (after set_use_attn_result(True))
         blocks.{i}.hook_attn_out / hook_mlp_out              [batch, pos, d_model]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from vitlens_patch.model.components.layer_norm import is_hooked, make_norm
+from vitlens_patch.model.components.relative_position import RelativePositionBias
 from vitlens_patch.model.components.rotary import RotaryEmbedding
 from vitlens_patch.model.config import ViTConfig
 
@@ -24,7 +25,9 @@ class Attention(nn.Module):
 
     Options: ``q_norm`` / ``k_norm`` (qk-norm), ``rotary`` (rotary position embeddings,
     applied after qk-norm: ``hook_q`` and ``hook_k`` see the rotated queries and keys), ``ln``
-    (a LayerNorm on the concatenated head outputs before W_O, timm's ``scale_attn_inner``).
+    (a LayerNorm on the concatenated head outputs before W_O, timm's ``scale_attn_inner``),
+    ``rel_pos`` (a learned relative position bias [head, query_pos, key_pos] added to the scaled
+    scores: ``hook_attn_scores`` sees it added; the fused kernel takes it as its additive mask).
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -42,11 +45,12 @@ class Attention(nn.Module):
         self.k_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(cfg) if cfg.rotary != "none" else None
         self.ln = make_norm(cfg, cfg.n_heads * cfg.d_head) if cfg.attn_norm else None
+        self.rel_pos = RelativePositionBias(cfg) if cfg.n_relative_positions else None
         self.use_attn_result = False
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]: after qk-norm and rotary
         self.hook_k = HookPoint()  # [batch, pos, head, d_head]: after qk-norm and rotary
         self.hook_v = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]: scaled, pre-softmax
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]: scaled (+ rel-pos bias), pre-softmax
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]: softmax of the scores
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]: pattern-weighted values
         self.hook_result = HookPoint()  # [batch, pos, head, d_model]: per-head output (use_attn_result)
@@ -74,12 +78,14 @@ class Attention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         # [batch, pos, head, d_head] -> [batch, head, pos, d_head] for the attention kernels
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        bias = None if self.rel_pos is None else self.rel_pos()[None]  # [1, head, query_pos, key_pos]
         if is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern):
-            scores = self.hook_attn_scores((q * self.cfg.d_head**-0.5) @ k.transpose(-2, -1))
+            scores = (q * self.cfg.d_head**-0.5) @ k.transpose(-2, -1)
+            scores = self.hook_attn_scores(scores if bias is None else scores + bias)
             pattern = self.hook_pattern(scores.softmax(dim=-1))
             z = pattern @ v
         else:
-            z = F.scaled_dot_product_attention(q, k, v)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
         if self.ln is not None:
             z_flat = self.ln(rearrange(z, "batch pos head d_head -> batch pos (head d_head)"))
