@@ -96,7 +96,7 @@ def test_table_interval_is_the_student_t_interval():
     assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
     single = EvaluationResult(scores.iloc[:1]).table().iloc[0]
     assert single["n"] == 1 and np.isnan(single["ci_low"]) and np.isnan(single["ci_high"])
-    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"confidence must be a number in \(0, 1\), got 1.5"):
         EvaluationResult(scores).table(confidence=1.5)
 
 
@@ -309,7 +309,7 @@ BAD_ARGUMENTS = {
     ),
     "images of another size": (
         lambda model, data: dict(methods=["rollout"], dataset=EvaluationSet(data.images[..., :16, :16], data.labels)),
-        r"dataset images must be model inputs \[image, 3, 32, 32\], got \(6, 3, 16, 16\)",
+        r"dataset images must be a float tensor \[batch, 3, 32, 32\] .* shape \(6, 3, 16, 16\)",
     ),
 }
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-
-def _check_confidence(confidence: float) -> None:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+from vitlens_patch.checks import check_probability
 
 
 def student_t_half_width(sd: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
@@ -23,7 +20,7 @@ def student_t_half_width(sd: np.ndarray, n: np.ndarray, confidence: float) -> np
     and ``sd`` the sample standard deviation of the ``n`` values. NaN where ``n < 2`` (one value
     gives no spread). ``sd`` and ``n`` broadcast against each other.
     """
-    _check_confidence(confidence)
+    check_probability(confidence, "confidence", include_zero=False, include_one=False)
     sd, n = np.broadcast_arrays(np.asarray(sd, dtype=np.float64), np.asarray(n, dtype=np.float64))
     enough = n >= 2
     dof = np.where(enough, n - 1, np.nan)
@@ -43,7 +40,7 @@ def wilson_interval(
     ``n`` broadcast against each other; ``successes`` is rounded to the nearest integer (a mean of
     0/1 values times ``n``).
     """
-    _check_confidence(confidence)
+    check_probability(confidence, "confidence", include_zero=False, include_one=False)
     successes, n = np.broadcast_arrays(
         np.asarray(successes, dtype=np.float64), np.asarray(n, dtype=np.float64)
     )

@@ -71,7 +71,7 @@ def test_prob_score_and_explicit_target(model, images):
         (dict(context=torch.zeros(2, 3, 32, 32)), "context tensor must broadcast"),
         (dict(upsample="nearest"), "upsample must be False"),
         (dict(batch_size=0), "rows_per_pass must be a positive int"),
-        (dict(target=11), "target must be class indices"),
+        (dict(target=11), r"target must hold class indices in \[0, 9\], got \[11\]"),
     ],
 )
 def test_bad_arguments_raise_value_error(model, images, kwargs, message):

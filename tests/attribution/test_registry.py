@@ -101,7 +101,7 @@ def test_other_prefix_tokens_and_poolings(name, overrides, tiny_images):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_no_hooks_left_after_a_bad_target(name, tiny_model, tiny_images):
-    with pytest.raises(ValueError, match=r"target must hold classes in \[0, 9\], got \[10\]"):
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 9\], got \[10\]"):
         build(name, tiny_model).attribute(tiny_images, 10)
     assert_model_untouched(tiny_model)
 

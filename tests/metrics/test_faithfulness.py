@@ -233,15 +233,15 @@ def test_pixel_maps_are_pooled_to_the_model_patch_grid(tiny_model, tiny_images):
         (dict(maps=torch.zeros(2, *GRID)), "maps has batch 2 but images has batch 3"),
         (dict(maps=torch.zeros(3, 6)), r"maps must be a tensor \[batch, grid_h, grid_w\]"),
         (dict(images=torch.zeros(3, HEIGHT, WIDTH)), r"images must be a float tensor \[batch, channel"),
-        (dict(n_steps=0), "n_steps must be an integer >= 1, got 0"),
-        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(n_steps=0), "n_steps must be a positive int, got 0"),
+        (dict(batch_size=0), "batch_size must be a positive int, got 0"),
         (dict(baseline="gray"), "baseline must be 'blur', 'black' or a tensor, got 'gray'"),
         (dict(baseline=torch.zeros(2, 3, HEIGHT, WIDTH)), r"baseline tensor must broadcast to images \(3, 3, 16, 24\)"),
         (dict(unit="token"), "unit must be 'patch' or 'pixel', got 'token'"),
         (dict(mode="both"), "mode must be 'deletion' or 'insertion', got 'both'"),
-        (dict(target=torch.tensor([5, 0, -1])), r"target must hold classes in \[0, 4\], got \[-1, 5\]"),
+        (dict(target=torch.tensor([5, 0, -1])), r"target must hold class indices in \[0, 4\], got \[-1, 5\]"),
         (dict(target=torch.tensor([0.0, 1.0, 2.0])), "target must be None, an int or an integer tensor"),
-        (dict(target=torch.tensor([0, 1])), r"target must be .* integer tensor \[3\]"),
+        (dict(target=torch.tensor([0, 1])), r"target must be .* integer tensor of shape \[batch\] = \[3\]"),
         (dict(maps=torch.zeros(3, HEIGHT, WIDTH)), "unit='patch' with pixel maps needs .*model.cfg.grid_size"),
     ],
 )
@@ -298,7 +298,7 @@ def test_token_deletion_bad_inputs_raise(tiny_model, tiny_images):
     maps = torch.rand(3, 4, 4)
     with pytest.raises(ValueError, match="order must be 'most' or 'least', got 'middle'"):
         token_deletion_auc(tiny_model, tiny_images, maps, order="middle", progress=False)
-    with pytest.raises(ValueError, match="n_steps must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="n_steps must be a positive int, got 0"):
         token_deletion_auc(tiny_model, tiny_images, maps, n_steps=0, progress=False)
     with pytest.raises(ValueError, match=r"maps must be finite, got NaN or inf in images \[1\]"):
         infinite = maps.index_fill(0, torch.tensor([1]), float("inf"))

@@ -105,11 +105,11 @@ def test_bfloat16_follows_the_model(tiny_model, tiny_images):
 @pytest.mark.parametrize(
     "images, message",
     [
-        (torch.randn(2, 1, 32, 32), r"images must have shape \[batch, 3, 32, 32\]"),
-        (torch.randn(2, 3, 64, 64), r"images must have shape \[batch, 3, 32, 32\]"),
-        (torch.randn(3, 32, 32), "got \\(3, 32, 32\\)"),
-        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "float tensor"),
-        ("not a tensor", "torch.Tensor"),
+        (torch.randn(2, 1, 32, 32), r"images must be a float tensor \[batch, 3, 32, 32\]"),
+        (torch.randn(2, 3, 64, 64), r"images must be a float tensor \[batch, 3, 32, 32\].* shape \(2, 3, 64, 64\)"),
+        (torch.randn(3, 32, 32), "got torch.float32 tensor of shape \\(3, 32, 32\\)"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "float tensor .* got torch.uint8"),
+        ("not a tensor", "got 'not a tensor'"),
     ],
 )
 def test_bad_images_raise_value_error(tiny_model, images, message):

@@ -194,7 +194,7 @@ def test_batches_give_the_same_estimate(linear_head_model, images):
     (dict(batch_size=2.5), "batch_size must be a positive int or None, got 2.5"),
     (dict(cells=[]), "cells must be a non-empty list"),
     (dict(cells=[[Site("hook_embed")]]), "hook_name must be a block hook of this model"),
-    (dict(target=[1, 2]), r"target must be an int or a tensor of shape \[3\]"),
+    (dict(target=[1, 2]), r"target must be None, an int or an integer tensor of shape \[batch\] = \[3\], got list"),
 ])
 def test_bad_input_is_rejected(linear_head_model, images, options, message):
     clean, corrupted = images

@@ -54,7 +54,7 @@ def test_grayscale_needs_rgb():
 
 
 def test_images_must_match_data_config():
-    with pytest.raises(ValueError, match=r"images must be normalised model input \[batch, 3"):
+    with pytest.raises(ValueError, match=r"images must be a float tensor \[batch, 3, height, width\]"):
         corrupt_grayscale(torch.zeros(3, 32, 32), DATA_CONFIG)
 
 

@@ -86,7 +86,7 @@ def test_embedding_noise_rejects_malformed_levels(tiny_model, tiny_images, level
 def test_embedding_noise_rejects_other_bad_arguments(tiny_model):
     with pytest.raises(ValueError, match="reference images must be given .* level 's3'"):
         embedding_noise(tiny_model, level="s3")
-    with pytest.raises(ValueError, match="n_images must be >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match="n_images must be a positive int or None, got 0"):
         embedding_noise(tiny_model, level=1.0, n_images=0)
     with pytest.raises(ValueError, match=r"patches must be patch indices in \[0, 15\], got \[16\]"):
         embedding_noise(tiny_model, patches=[16], level=1.0)

@@ -72,7 +72,7 @@ def test_mean_of_one_image_has_no_interval():
 
 
 def test_mean_rejects_bad_confidence():
-    with pytest.raises(ValueError, match="confidence must be in \\(0, 1\\), got 95"):
+    with pytest.raises(ValueError, match="confidence must be a number in \\(0, 1\\), got 95"):
         make_result().mean(confidence=95)
 
 

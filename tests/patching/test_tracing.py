@@ -148,7 +148,7 @@ def test_no_hook_survives_an_error(model, images):
         (dict(positions="middle"), "positions must be 'all', 'cls', 'patches'"),
         (dict(positions=torch.ones(3, 3, dtype=torch.bool)), r"patch-grid shape \(4, 4\)"),
         (dict(score="accuracy"), "score must be 'prob'"),
-        (dict(target=10), r"target must be class indices in \[0, 10\)"),
+        (dict(target=10), r"target must hold class indices in \[0, 9\], got \[10\]"),
     ],
 )
 def test_bad_arguments_raise_value_error(model, images, kwargs, message):

@@ -65,7 +65,7 @@ def test_method_comparison_rejects_bad_tables():
         plot_method_comparison(pd.concat([table, table.iloc[:1]]))
     with pytest.raises(ValueError, match="table must be a pandas DataFrame"):
         plot_method_comparison(table.to_dict())
-    with pytest.raises(ValueError, match="columns must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="columns must be a positive int, got 0"):
         plot_method_comparison(table, columns=0)
 
 
@@ -113,7 +113,7 @@ def test_attribution_grid_rejects_bad_inputs():
         plot_attribution_grid(images, maps, labels=[0, 1])
     with pytest.raises(ValueError, match=r"labels must index class_names \(0 to 1\)"):
         plot_attribution_grid(images, maps, labels=[0, 1, 2], class_names=["a", "b"])
-    with pytest.raises(ValueError, match=r"opacity must be in \(0, 1\], got 0"):
+    with pytest.raises(ValueError, match=r"opacity must be a number in \(0, 1\], got 0"):
         plot_attribution_grid(images, maps, opacity=0)
     with pytest.raises(ValueError, match=r"image must hold \[0, 1\] pixels"):
         plot_attribution_grid(images * 2 - 1, maps)

@@ -140,7 +140,7 @@ def test_patch_grid_without_image():
         ({"layers": [7]}, r"layers must be a non-empty selection of \[0, 1, 2\], got \[7\]"),
         ({"image": torch.rand(16, 24)}, r"image must be \[channel, height, width\]"),
         ({"image": torch.randn(3, 16, 24) * 3}, r"image must hold \[0, 1\] pixels"),
-        ({"columns": 0}, "columns must be >= 1, got 0"),
+        ({"columns": 0}, "columns must be a positive int, got 0"),
     ],
 )
 def test_patch_grid_rejects_bad_arguments(kwargs, message):

@@ -210,7 +210,7 @@ def test_select_per_class():
 
 @pytest.mark.parametrize(
     ("n", "match"),
-    [(11, "n must be <= 10, the size of class 0, got 11"), (0, "n must be >= 1, got 0")],
+    [(11, "n must be <= 10, the size of class 0, got 11"), (0, "n must be a positive int, got 0")],
 )
 def test_select_per_class_rejects_bad_n(n, match):
     with pytest.raises(ValueError, match=match):
@@ -276,7 +276,7 @@ def test_model_fingerprint_follows_names_dtypes_and_values():
 @pytest.mark.parametrize(
     ("dataset", "kwargs", "match"),
     [
-        (None, {"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        (None, {"batch_size": 0}, "batch_size must be a positive int, got 0"),
         (None, {"indices": [0, 16]}, r"in \[0, 15\] \(the dataset has 16 images\), got 16"),
         (None, {"indices": [-1]}, "got -1"),
         (None, {"indices": [0.5]}, "indices must be integers"),

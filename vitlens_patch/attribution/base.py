@@ -8,7 +8,7 @@ image over the patch grid, [batch, grid_h, grid_w] (or [batch, height, width] wh
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +17,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vitlens_patch.checks import Target, check_positive_int, check_target
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_patches
 from vitlens_patch.patching.scores import needs_clean_output, resolve_score
 
 UPSAMPLE_MODES = ("bilinear", "bicubic")
-
-Target = Union[int, Int[Tensor, " batch"], None]
 
 
 class Attributor:
@@ -58,8 +57,7 @@ class Attributor:
             raise ValueError(f"model must be a HookedViT, got {type(model).__name__}")
         if upsample not in (False, None, *UPSAMPLE_MODES):
             raise ValueError(f"upsample must be False or one of {UPSAMPLE_MODES}, got {upsample!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_positive_int(batch_size, "batch_size")
         other_class = score[1] if isinstance(score, tuple) and len(score) == 2 else None
         if isinstance(other_class, Tensor) and other_class.ndim > 0:
             # Methods re-batch and repeat images, which a per-image class tensor would not follow.
@@ -106,8 +104,8 @@ class Attributor:
             maps [batch, grid_h, grid_w]; [batch, height, width] when ``upsample`` is set. Larger
             means more relevant; signed methods (occlusion, integrated gradients) may be negative.
         """
-        images = self._check_images(images)
-        target = self._check_target(target, len(images))
+        images = self.model.check_images(images)
+        target = check_target(target, len(images), self.model.cfg.n_classes, self.model.device)
         maps = self._attribute(images, target)
         if self.upsample:
             maps = upsample_maps(maps, self.model.cfg.img_size, self.upsample)
@@ -145,49 +143,6 @@ class Attributor:
 
     def _to_grid(self, values: Float[Tensor, "batch n_patches"]) -> Float[Tensor, "batch grid_h grid_w"]:
         return patches_to_grid(values, self.model.cfg.grid_size)
-
-    # ------------------------------------------------------------------------ checks
-    def _check_images(self, images: Tensor) -> Tensor:
-        cfg = self.model.cfg
-        expected = (cfg.in_chans, *cfg.img_size)
-        if not isinstance(images, Tensor):
-            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if not images.is_floating_point():
-            raise ValueError(
-                f"images must be normalised float model inputs (see model.preprocess), got {images.dtype}"
-            )
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
-            raise ValueError(
-                f"images must have shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] "
-                f"with batch >= 1, got {tuple(images.shape)}"
-            )
-        return images
-
-    def _check_target(self, target: Target, batch: int) -> Int[Tensor, " batch"] | None:
-        if target is None:
-            return None
-        n_classes = self.model.cfg.n_classes
-        if isinstance(target, Tensor) and target.ndim == 0:
-            target = target.item()
-        if isinstance(target, int) and not isinstance(target, bool):
-            target = torch.full((batch,), target, dtype=torch.long, device=self.model.device)
-        elif isinstance(target, Tensor) and not target.is_floating_point() and target.dtype != torch.bool:
-            if tuple(target.shape) != (batch,):
-                raise ValueError(
-                    f"target must be None, an int or a tensor of shape [batch] = [{batch}], "
-                    f"got shape {tuple(target.shape)}"
-                )
-            target = target.to(self.model.device, torch.long)
-        else:
-            raise ValueError(
-                f"target must be None, an int or an integer tensor of shape [batch], got {target!r}"
-            )
-        outside = target[(target < 0) | (target >= n_classes)]
-        if len(outside):
-            raise ValueError(
-                f"target must hold classes in [0, {n_classes - 1}], got {outside.unique().tolist()}"
-            )
-        return target
 
 
 # ---------------------------------------------------------------------- shared functions

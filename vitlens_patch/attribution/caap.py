@@ -133,7 +133,7 @@ def caap(
     start, stop = check_block_range(layers, cfg.n_layers)
     if upsample not in (False, None, "bilinear", "bicubic"):
         raise ValueError(f"upsample must be False, 'bilinear' or 'bicubic', got {upsample!r}")
-    images = model._check_images(images)
+    images = model.check_images(images)
     cells = [
         tuple(Site(f"blocks.{layer}.hook_resid_pre", (cfg.n_prefix_tokens + patch,)) for layer in range(start, stop))
         for patch in range(cfg.n_patches)

@@ -10,6 +10,7 @@ from einops import einsum, reduce
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from vitlens_patch.checks import check_positive_int
 from vitlens_patch.attribution.base import Attributor, make_baseline
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import FILLS
@@ -101,8 +102,7 @@ class IntegratedGradients(Attributor):
             raise ValueError(f"baseline must be one of {FILLS}, got {baseline!r}")
         if method not in INTEGRATION_METHODS:
             raise ValueError(f"method must be one of {INTEGRATION_METHODS}, got {method!r}")
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+        check_positive_int(n_steps, "n_steps")
         self.baseline = baseline
         self.n_steps = n_steps
         self.method = method

@@ -14,6 +14,8 @@ from jaxtyping import Int
 from PIL import Image
 from torch import Tensor
 
+from vitlens_patch.checks import check_positive_int
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -104,8 +106,7 @@ def select_per_class(
     labels = torch.as_tensor(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D [image], got shape {tuple(labels.shape)}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    check_positive_int(n, "n")
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     chosen: list[int] = []
     for label in torch.unique(labels).tolist():

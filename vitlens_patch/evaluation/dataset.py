@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from vitlens_patch.checks import check_images, describe
 from vitlens_patch.data.cifar10 import canvas_test_set
 from vitlens_patch.data.folder import LabelledImages, load_image_folder
 from vitlens_patch.metrics import boxes_to_masks
@@ -43,16 +44,11 @@ class EvaluationSet:
     data_config: DataConfig | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, Tensor) or self.images.ndim != 4 or not self.images.is_floating_point():
-            raise ValueError(
-                f"images must be a float tensor [image, channel, height, width], got {_describe(self.images)}"
-            )
+        check_images(self.images)
         n_images = len(self.images)
-        if n_images == 0:
-            raise ValueError("images must hold at least one image, got 0")
         if (not isinstance(self.labels, Tensor) or self.labels.shape != (n_images,)
                 or self.labels.is_floating_point() or self.labels.dtype == torch.bool):
-            raise ValueError(f"labels must be an integer tensor [{n_images}], got {_describe(self.labels)}")
+            raise ValueError(f"labels must be an integer tensor [{n_images}], got {describe(self.labels)}")
         object.__setattr__(self, "labels", self.labels.long())
         if (self.canvas_images is None) != (self.masks is None):
             raise ValueError("canvas_images and masks must be given together (or neither)")
@@ -61,14 +57,14 @@ class EvaluationSet:
                     or not self.canvas_images.is_floating_point()):
                 raise ValueError(
                     f"canvas_images must be a float tensor of the images' shape {tuple(self.images.shape)}, "
-                    f"got {_describe(self.canvas_images)}"
+                    f"got {describe(self.canvas_images)}"
                 )
             expected = (n_images, *self.images.shape[-2:])
             if not isinstance(self.masks, Tensor) or self.masks.dtype != torch.bool or self.masks.shape != expected:
-                raise ValueError(f"masks must be a bool tensor {list(expected)}, got {_describe(self.masks)}")
+                raise ValueError(f"masks must be a bool tensor {list(expected)}, got {describe(self.masks)}")
         if self.source_indices is not None:
             if not isinstance(self.source_indices, Tensor) or self.source_indices.shape != (n_images,):
-                raise ValueError(f"source_indices must be a tensor [{n_images}], got {_describe(self.source_indices)}")
+                raise ValueError(f"source_indices must be a tensor [{n_images}], got {describe(self.source_indices)}")
             object.__setattr__(self, "source_indices", self.source_indices.long())
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -156,9 +152,3 @@ class EvaluationSet:
             source_indices=indices,
             data_config=model.data_config,
         )
-
-
-def _describe(value) -> str:
-    if isinstance(value, Tensor):
-        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__

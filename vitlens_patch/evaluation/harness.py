@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from vitlens_patch.checks import check_images, check_positive_int
 from vitlens_patch.attribution.base import Attributor
 from vitlens_patch.attribution.registry import ATTRIBUTORS, get_attributor
 from vitlens_patch.evaluation.dataset import EvaluationSet
@@ -88,16 +89,10 @@ def evaluate(
         raise ValueError(f"model must be a HookedViT, got {type(model).__name__}")
     if not isinstance(dataset, EvaluationSet):
         raise ValueError(f"dataset must be an EvaluationSet, got {type(dataset).__name__}")
-    expected = (model.cfg.in_chans, *model.cfg.img_size)
-    if tuple(dataset.images.shape[1:]) != expected:
-        raise ValueError(
-            f"dataset images must be model inputs [image, {', '.join(map(str, expected))}], "
-            f"got {tuple(dataset.images.shape)}"
-        )
+    check_images(dataset.images, channels=model.cfg.in_chans, size=model.cfg.img_size, argument="dataset images")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     attributors = _build_methods(methods, model, method_options or {})
     metrics = _check_metrics(metrics, dataset, metric_options or {})
     metric_options = {name: dict((metric_options or {}).get(name, {})) for name in metrics}

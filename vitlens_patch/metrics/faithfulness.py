@@ -22,7 +22,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vitlens_patch.metrics.localization import _check_maps, _check_tiling, _resample_maps
+from vitlens_patch.checks import Target, check_images, check_positive_int, check_target
+from vitlens_patch.metrics.localization import check_maps, check_tiling, resample_maps
 from vitlens_patch.images import gaussian_blur
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from vitlens_patch.model.preprocess import DataConfig
 
 Baseline = Literal["blur", "black"] | Tensor
-Target = int | Int[Tensor, "batch"] | None
 
 # RISE's insertion canvas: an 11-pixel Gaussian kernel with sigma 5.
 _BLUR_KERNEL_SIZE = 11
@@ -50,28 +50,6 @@ class PerturbationCurve:
     fractions: Float[Tensor, "step"]
     probs: Float[Tensor, "batch step"]
     auc: Float[Tensor, "batch"]
-
-
-def _check_n_steps(n_steps: int) -> None:
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-
-
-def _check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
-        got = (
-            f"{images.dtype} tensor of shape {tuple(images.shape)}"
-            if isinstance(images, Tensor) else type(images).__name__
-        )
-        raise ValueError(
-            f"images must be a float tensor [batch, channel, height, width] of normalised model "
-            f"inputs, got {got}"
-        )
 
 
 def _unit_counts(n_units: int, n_steps: int) -> Int[Tensor, "step"]:
@@ -97,23 +75,9 @@ def _resolve_target(
                 _check_logits(forward(chunk), len(chunk)).argmax(dim=-1)
                 for chunk in images.split(batch_size)
             ])
-    if isinstance(target, int) and not isinstance(target, bool):
-        target = torch.tensor(target)
-    if not (isinstance(target, Tensor) and target.ndim <= 1 and not target.is_floating_point()
-            and target.dtype != torch.bool and target.numel() in (1, batch)):
-        got = (
-            f"{target.dtype} tensor of shape {tuple(target.shape)}"
-            if isinstance(target, Tensor) else repr(target)
-        )
-        raise ValueError(f"target must be None, an int or an integer tensor [{batch}], got {got}")
-    target = target.long().to(images.device).expand(batch)
     with torch.no_grad():
         n_classes = _check_logits(forward(images[:1]), 1).shape[1]
-    outside = (target < 0) | (target >= n_classes)
-    if outside.any():
-        bad = target[outside].unique().tolist()
-        raise ValueError(f"target must hold classes in [0, {n_classes - 1}], got {bad}")
-    return target
+    return check_target(target, batch, n_classes, images.device)
 
 
 def _check_logits(logits: Tensor, batch: int) -> Float[Tensor, "batch n_classes"]:
@@ -163,15 +127,15 @@ def _unit_maps(
 ) -> Float[Tensor, "batch unit_h unit_w"]:
     """Maps at the resolution of the perturbed units: pixels, or the model's patch grid."""
     size = tuple(images.shape[-2:])
-    maps = _check_maps(maps, images.shape[0], size, other="images")
+    maps = check_maps(maps, images.shape[0], size, other="images")
     if unit == "pixel":
-        return _resample_maps(maps, size)
+        return resample_maps(maps, size)
     if unit != "patch":
         raise ValueError(f"unit must be 'patch' or 'pixel', got {unit!r}")
     cfg = getattr(model, "cfg", None)
     if cfg is not None:
-        _check_tiling(tuple(maps.shape[1:]), tuple(cfg.grid_size), other="model.cfg.grid_size")
-        return _resample_maps(maps, tuple(cfg.grid_size))
+        check_tiling(tuple(maps.shape[1:]), tuple(cfg.grid_size), other="model.cfg.grid_size")
+        return resample_maps(maps, tuple(cfg.grid_size))
     if tuple(maps.shape[1:]) == size:
         raise ValueError(
             "unit='patch' with pixel maps needs the patch grid from model.cfg.grid_size; pass "
@@ -229,9 +193,9 @@ def perturbation_curve(
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
-    _check_images(images)
-    _check_n_steps(n_steps)
-    _check_batch_size(batch_size)
+    check_images(images)
+    check_positive_int(n_steps, "n_steps")
+    check_positive_int(batch_size, "batch_size")
     unit_maps = _unit_maps(maps, images, unit, model).to(images.device)
     data_config = data_config if data_config is not None else getattr(model, "data_config", None)
     reference = _baseline_images(images, baseline, data_config)
@@ -357,9 +321,9 @@ def token_deletion_curve(
     """
     if order not in ("most", "least"):
         raise ValueError(f"order must be 'most' or 'least', got {order!r}")
-    _check_images(images)
-    _check_n_steps(n_steps)
-    _check_batch_size(batch_size)
+    check_images(images)
+    check_positive_int(n_steps, "n_steps")
+    check_positive_int(batch_size, "batch_size")
     cfg = model.cfg
     if cfg.pooling not in ("token", "distilled"):
         raise ValueError(
@@ -367,9 +331,9 @@ def token_deletion_curve(
             f"'distilled'): with pooling={cfg.pooling!r} the logits are undefined once every "
             "patch token is dropped"
         )
-    maps = _check_maps(maps, images.shape[0], tuple(images.shape[-2:]), other="images")
-    _check_tiling(tuple(maps.shape[1:]), tuple(cfg.grid_size), other="model.cfg.grid_size")
-    grid_maps = _resample_maps(maps, tuple(cfg.grid_size)).flatten(1).to(images.device)
+    maps = check_maps(maps, images.shape[0], tuple(images.shape[-2:]), other="images")
+    check_tiling(tuple(maps.shape[1:]), tuple(cfg.grid_size), other="model.cfg.grid_size")
+    grid_maps = resample_maps(maps, tuple(cfg.grid_size)).flatten(1).to(images.device)
     # "least" is "most" of the negated map; the stable sort keeps row-major tie order either way.
     drop_order = torch.argsort(_ranks(grid_maps if order == "most" else -grid_maps), dim=1)
     target = _resolve_target(model, images, target, batch_size)

@@ -23,7 +23,7 @@ def _check_map_shape(maps: Tensor) -> None:
         )
 
 
-def _check_tiling(map_size: tuple[int, int], size: tuple[int, int], *, other: str) -> None:
+def check_tiling(map_size: tuple[int, int], size: tuple[int, int], *, other: str) -> None:
     """Map sides must divide ``size`` or be multiples of it, so resampling is exact."""
     if not all(a % b == 0 or b % a == 0 for a, b in zip(map_size, size)):
         raise ValueError(
@@ -32,7 +32,7 @@ def _check_tiling(map_size: tuple[int, int], size: tuple[int, int], *, other: st
         )
 
 
-def _check_maps(maps: Tensor, batch: int, size: tuple[int, int], *, other: str) -> Tensor:
+def check_maps(maps: Tensor, batch: int, size: tuple[int, int], *, other: str) -> Tensor:
     """Validate ``maps`` against a batch size and an image or mask size; return float maps.
 
     ``other`` names what ``batch`` and ``size`` come from, for the error messages.
@@ -40,7 +40,7 @@ def _check_maps(maps: Tensor, batch: int, size: tuple[int, int], *, other: str) 
     _check_map_shape(maps)
     if maps.shape[0] != batch:
         raise ValueError(f"maps has batch {maps.shape[0]} but {other} has batch {batch}")
-    _check_tiling(tuple(maps.shape[1:]), size, other=other)
+    check_tiling(tuple(maps.shape[1:]), size, other=other)
     maps = maps.float()
     finite = torch.isfinite(maps).flatten(1).all(dim=1)
     if not finite.all():
@@ -49,7 +49,7 @@ def _check_maps(maps: Tensor, batch: int, size: tuple[int, int], *, other: str) 
     return maps
 
 
-def _resample_maps(
+def resample_maps(
     maps: Float[Tensor, "batch map_h map_w"], size: tuple[int, int]
 ) -> Float[Tensor, "batch height width"]:
     """Bring checked maps to ``size``: nearest upsampling, or mean pooling when finer.
@@ -155,8 +155,8 @@ def localization_aupr(
         ``[batch]`` average precision in (0, 1].
     """
     masks = _check_masks(masks)
-    maps = _check_maps(maps, masks.shape[0], tuple(masks.shape[1:]), other="masks")
-    maps = _resample_maps(maps, tuple(masks.shape[1:]))
+    maps = check_maps(maps, masks.shape[0], tuple(masks.shape[1:]), other="masks")
+    maps = resample_maps(maps, tuple(masks.shape[1:]))
     return torch.stack([
         _average_precision(scores, labels)
         for scores, labels in zip(maps.flatten(1), masks.flatten(1))
@@ -198,7 +198,7 @@ def pointing_game(
     else:
         masks = _check_masks(objects)
     batch, height, width = masks.shape
-    maps = _check_maps(maps, batch, (height, width), other="objects")
+    maps = check_maps(maps, batch, (height, width), other="objects")
     map_h, map_w = maps.shape[1:]
     cell = maps.flatten(1).argmax(dim=1)  # first maximum in row-major order
     cell_row, cell_col = cell // map_w, cell % map_w

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from vitlens_patch import checks
 from vitlens_patch.model.components import (
     AttentionPool,
     ClassifierHead,
@@ -148,15 +149,15 @@ class HookedViT(HookedRootModule):
             raise ValueError(f"{argument} must be a float tensor (see preprocess), got {x.dtype}")
         return x.to(self.dtype)
 
-    def _check_images(self, images: Tensor) -> Tensor:
-        images = self._check_device(images, "images")
-        expected = (self.cfg.in_chans, *self.cfg.img_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"images must have shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] "
-                f"(channels, height, width), got {tuple(images.shape)}"
-            )
-        return images
+    def check_images(self, images: Tensor) -> Float[Tensor, "batch channel height width"]:
+        """``images`` checked as this model's inputs, in its dtype.
+
+        Raises:
+            ValueError: unless ``images`` is a non-empty float tensor [batch, in_chans, height,
+                width] at ``cfg.img_size`` on the model's device.
+        """
+        images = checks.check_images(images, channels=self.cfg.in_chans, size=self.cfg.img_size)
+        return self._check_device(images, "images")
 
     def _check_layer(self, layer: int, argument: str) -> int:
         n_layers = self.cfg.n_layers
@@ -266,7 +267,7 @@ class HookedViT(HookedRootModule):
             logits [batch, n_classes], or the residual stream [batch, pos, d_model].
         """
         if start_at_layer is None:
-            start, resid = 0, self.embed_tokens(self._check_images(x))
+            start, resid = 0, self.embed_tokens(self.check_images(x))
         else:
             start = self._check_layer(start_at_layer, "start_at_layer")
             resid = self._check_device(x, "x")

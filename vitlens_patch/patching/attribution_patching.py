@@ -46,6 +46,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vitlens_patch.checks import check_positive_int
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.engine import (
     DEFAULT_MEMORY_BUDGET_MB,
@@ -175,15 +176,14 @@ def estimate_restore(
         RestoreOutput whose ``effects`` [image, cell] are the estimates (``restored_score`` is
         ``corrupted_score + estimate``).
     """
-    clean = model._check_images(clean)
+    clean = model.check_images(clean)
     corrupted_images, corrupted_hooks = resolve_corruption(model, clean, corrupted)
     cells = check_cells(model, cells)
     if not isinstance(qk_fix, bool):
         raise ValueError(f"qk_fix must be True or False, got {qk_fix!r}")
     if batch_size is None:
         batch_size = images_per_pass(model, None)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size", allow_none=True)
     score_fn = resolve_score(score)
     precision(model, dtype)  # rejects a bad dtype before any work
     check_score_for_model(score_fn, score, model.cfg.n_classes)

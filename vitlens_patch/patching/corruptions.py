@@ -24,6 +24,7 @@ from einops import einsum, repeat
 from jaxtyping import Float
 from torch import Tensor
 
+from vitlens_patch.checks import check_images
 from vitlens_patch.images import PatchSpec, gaussian_blur, patch_mask, seeded_normal
 from vitlens_patch.model import HookedViT
 from vitlens_patch.model.preprocess import DataConfig
@@ -35,20 +36,11 @@ FILLS = ("zeros", "mean", "blur")
 ImageBatch = Float[Tensor, "batch channel height width"]
 
 
-def _check_images(images: Tensor, data_config: DataConfig) -> None:
-    channels = data_config.input_size[0]
-    if images.ndim != 4 or images.shape[1] != channels:
-        raise ValueError(
-            f"images must be normalised model input [batch, {channels}, height, width], "
-            f"got shape {tuple(images.shape)}"
-        )
-
-
 def _in_pixel_space(
     images: ImageBatch, data_config: DataConfig, corrupt_pixels: Callable[[Tensor], Tensor]
 ) -> ImageBatch:
     """Denormalise, apply ``corrupt_pixels`` to the [0, 1] pixels, normalise again."""
-    _check_images(images, data_config)
+    check_images(images, channels=data_config.input_size[0])
     return data_config.normalize(corrupt_pixels(data_config.denormalize(images)))
 
 
@@ -132,7 +124,7 @@ def corrupt_patches(
     """
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
-    _check_images(images, data_config)
+    check_images(images, channels=data_config.input_size[0])
     patch_h, patch_w = (patch_size,) * 2 if isinstance(patch_size, int) else tuple(patch_size)
     height, width = images.shape[-2:]
     if patch_h < 1 or patch_w < 1 or height % patch_h or width % patch_w:

@@ -16,6 +16,7 @@ from einops import rearrange, repeat
 from jaxtyping import Float
 from torch import Tensor
 
+from vitlens_patch.checks import check_positive_int
 from vitlens_patch.images import PatchSpec, patch_mask, seeded_normal
 from vitlens_patch.model import HookedViT
 
@@ -108,8 +109,7 @@ def embedding_noise(
         raise ValueError(
             f'level must be a number >= 0 or "sK" with K a number (e.g. "s3"), got {level!r}'
         )
-    if n_images is not None and n_images < 1:
-        raise ValueError(f"n_images must be >= 1 or None, got {n_images}")
+    check_positive_int(n_images, "n_images", allow_none=True)
     grid_h, grid_w = model.cfg.grid_size
     if patches is None:
         mask = torch.ones(1, grid_h, grid_w, dtype=torch.bool)

@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vitlens_patch.checks import check_positive_int
 from vitlens_patch.deprecation import renamed_keywords
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt
@@ -74,7 +75,7 @@ def resolve_corruption(model: HookedViT, clean: Tensor, corrupted) -> tuple[Tens
             raise ValueError(
                 f"corrupted must have the same shape as clean {tuple(clean.shape)}, got {tuple(corrupted.shape)}"
             )
-        return model._check_images(corrupted), []
+        return model.check_images(corrupted), []
     if hasattr(corrupted, "hook"):
         return clean, [corrupted.hook]
     if callable(corrupted):
@@ -196,15 +197,14 @@ def run_restore(
     Returns:
         RestoreOutput with restored_score [image, cell] and the clean / corrupted baselines.
     """
-    clean = model._check_images(clean)
+    clean = model.check_images(clean)
     corrupted_images, corrupted_hooks = resolve_corruption(model, clean, corrupted)
     cells = check_cells(model, cells)
     if memory_budget_mb is None:
         memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB.get(model.device.type, DEFAULT_MEMORY_BUDGET_MB["cuda"])
     if memory_budget_mb <= 0:
         raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
-    if rows_per_pass is not None and (not isinstance(rows_per_pass, int) or rows_per_pass < 1):
-        raise ValueError(f"rows_per_pass must be a positive int or None, got {rows_per_pass!r}")
+    check_positive_int(rows_per_pass, "rows_per_pass", allow_none=True)
     score_fn = resolve_score(score)
     check_score_for_model(score_fn, score, model.cfg.n_classes)
     device = model.device

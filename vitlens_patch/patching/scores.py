@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from vitlens_patch.checks import Target, check_target
+
 ScoreFn = Callable[[Float[Tensor, "batch n_classes"], Int[Tensor, " batch"]], Float[Tensor, " batch"]]
 SCORES = ("prob", "logit", "logprob", "logit_diff", "cosine")
 
@@ -87,27 +89,17 @@ def resolve_score(score: str | tuple | ScoreFn) -> ScoreFn:
     )
 
 
-def resolve_target(target: int | Tensor | None, clean_logits: Tensor, n_classes: int) -> Tensor:
-    """Target class per image: None -> the clean run's prediction; an int or a [batch] tensor.
+def resolve_target(target: Target, clean_logits: Tensor, n_classes: int) -> Int[Tensor, " batch"]:
+    """Target class per image: None -> the clean run's prediction; an int or a [batch] tensor
+    (see ``checks.check_target``).
 
     A model without a classifier (``n_classes == 0``) has no classes: ``target`` must be None and
     every image gets -1 (no class).
     """
     batch = clean_logits.shape[0]
+    target = check_target(target, batch, n_classes, clean_logits.device)
+    if target is not None:
+        return target
     if n_classes == 0:
-        if target is not None:
-            raise ValueError(
-                f"target must be None for a model without a classifier (n_classes=0), got {target!r}; "
-                f"attach one with model.with_head(head)"
-            )
         return torch.full((batch,), -1, dtype=torch.long, device=clean_logits.device)
-    if target is None:
-        return clean_logits.argmax(-1)
-    target = torch.as_tensor(target, device=clean_logits.device, dtype=torch.long)
-    if target.ndim == 0:
-        target = target.expand(batch)
-    if target.shape != (batch,):
-        raise ValueError(f"target must be an int or a tensor of shape [{batch}], got shape {tuple(target.shape)}")
-    if target.min() < 0 or target.max() >= n_classes:
-        raise ValueError(f"target must be class indices in [0, {n_classes}), got {target.tolist()}")
-    return target
+    return clean_logits.argmax(-1)

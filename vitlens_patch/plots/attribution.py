@@ -21,7 +21,8 @@ from plotly.colors import DEFAULT_PLOTLY_COLORS
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from vitlens_patch.plots.tracing import DIVERGING, _image_to_rgb
+from vitlens_patch.checks import check_positive_int, check_probability
+from vitlens_patch.plots.tracing import DIVERGING, image_to_rgb
 
 TABLE_COLUMNS = ("method", "metric", "mean", "ci_low", "ci_high")
 
@@ -62,8 +63,7 @@ def plot_method_comparison(
         )
     if table.duplicated(["method", "metric"]).any():
         raise ValueError("table must hold one row per (method, metric), got duplicates")
-    if columns < 1:
-        raise ValueError(f"columns must be >= 1, got {columns}")
+    check_positive_int(columns, "columns")
     metrics = list(dict.fromkeys(table["metric"]))
     methods = list(dict.fromkeys(table["method"]))
     colours = {method: DEFAULT_PLOTLY_COLORS[i % len(DEFAULT_PLOTLY_COLORS)] for i, method in enumerate(methods)}
@@ -145,8 +145,7 @@ def plot_attribution_grid(
                 f"maps_by_method[{method!r}] must be [{n_images}, map_h, map_w] with map sides dividing "
                 f"the image size ({height}, {width}), got {shape}"
             )
-    if not 0 < opacity <= 1:
-        raise ValueError(f"opacity must be in (0, 1], got {opacity}")
+    check_probability(opacity, "opacity", include_zero=False)
     row_names = None
     if labels is not None:
         labels = torch.as_tensor(labels).reshape(-1).tolist()
@@ -162,7 +161,7 @@ def plot_attribution_grid(
         horizontal_spacing=0.01, vertical_spacing=0.01,
     )
     for row in range(n_images):
-        rgb = _image_to_rgb(images[row])
+        rgb = image_to_rgb(images[row])
         figure.add_trace(go.Image(z=rgb, hoverinfo="skip"), row=row + 1, col=1)
         if row_names is not None:
             figure.update_yaxes(title_text=row_names[row], row=row + 1, col=1)

@@ -19,6 +19,7 @@ from plotly.colors import DEFAULT_PLOTLY_COLORS, unlabel_rgb
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from vitlens_patch.checks import check_positive_int
 from vitlens_patch.patching.results import TraceMean, TraceResult
 
 DIVERGING = "RdBu_r"  # red: restoring raises the score, blue: lowers it
@@ -204,7 +205,7 @@ def plot_head_heatmap(
     )
 
 
-def _image_to_rgb(image: Tensor) -> np.ndarray:
+def image_to_rgb(image: Tensor) -> np.ndarray:
     """[channel, height, width] pixels in [0, 1] -> uint8 [height, width, 3] for ``go.Image``."""
     if image.ndim != 3 or image.shape[0] not in (1, 3):
         raise ValueError(
@@ -250,8 +251,7 @@ def plot_patch_grid(
     _check_dims(result, ("image", "layer", "position"), "result")
     if result.grid_size is None:
         raise ValueError("result must have a grid_size to draw positions on the patch grid, got None")
-    if columns < 1:
-        raise ValueError(f"columns must be >= 1, got {columns}")
+    check_positive_int(columns, "columns")
     all_layers = result.coord("layer")
     layers = all_layers if layers is None else list(layers)
     unknown = [layer for layer in layers if layer not in all_layers]
@@ -269,7 +269,7 @@ def plot_patch_grid(
     if image is None:
         cell_h = cell_w = 1.0
     else:
-        rgb = _image_to_rgb(image)
+        rgb = image_to_rgb(image)
         cell_h, cell_w = rgb.shape[0] / grid_h, rgb.shape[1] / grid_w
     n_rows = -(-len(layers) // columns)
     n_cols = min(columns, len(layers))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from vitlens_patch.checks import check_positive_int
 from vitlens_patch.data.cifar10 import canvas_test_set
 from vitlens_patch.data.folder import LabelledImages, load_image_folder, select_per_class
 from vitlens_patch.model import HookedViT
@@ -52,8 +53,7 @@ def evaluate_accuracy(
     Returns:
         ``{"full_frame": ..., "canvas": ..., "grayscale": ...}``, fractions correct.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_positive_int(batch_size, "batch_size")
     canvases, _ = canvas_test_set(data, canvas_size, seed)
     correct = dict.fromkeys(INPUT_KINDS, 0)
     for start in tqdm(range(0, len(data), batch_size), desc="accuracy", disable=not progress):

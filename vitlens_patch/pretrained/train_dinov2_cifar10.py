@@ -81,7 +81,10 @@ def load_trained(model, trained: dict[str, torch.Tensor], first_trained_block: i
 def forward_frozen(model, inputs: torch.Tensor, first_trained_block: int) -> torch.Tensor:
     """Normalised images [batch, 3, 112, 112] -> residual stream [batch, 65, 384] before block k."""
     with torch.no_grad():
-        tokens = model.norm_pre(model._pos_embed(model.patch_embed(inputs)))
+        # timm's dinov2 layout: the class token, then the patches; pos_embed covers both
+        prefix = model.cls_token.expand(len(inputs), -1, -1)  # [batch, 1, d_model]
+        tokens = torch.cat([prefix, model.patch_embed(inputs)], dim=1) + model.pos_embed
+        tokens = model.norm_pre(model.pos_drop(tokens))
         for block in model.blocks[:first_trained_block]:
             tokens = block(tokens)
     return tokens

@@ -23,8 +23,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vitlens_patch.attribution.base import Target
 from vitlens_patch.attribution.caap import caap, check_block_range, default_layers
+from vitlens_patch.checks import Target
 from vitlens_patch.metrics import deletion_auc, insertion_auc
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.scores import resolve_target
@@ -175,7 +175,7 @@ def caap_layer_sweep(
     """
     metric_fn, name, higher_is_better, metric_passes = _resolve_metric(metric, higher_is_better)
     ranges = _resolve_ranges(ranges, model.cfg.n_layers)
-    images = model._check_images(images)
+    images = model.check_images(images)
     n_images = images.shape[0]
     with torch.no_grad():
         target = resolve_target(target, model(images), model.cfg.n_classes)

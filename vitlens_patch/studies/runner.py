@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from vitlens_patch.checks import check_positive_int
 from vitlens_patch.data.folder import LabelledImages, load_image_folder
 
 RESULTS_FILE = "results.parquet"
@@ -125,8 +126,7 @@ def run_study(
     each other at the start and at the end of the call (``torch.distributed``'s default timeout
     applies; if it expires, run again: the stored batches are kept).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_positive_int(batch_size, "batch_size")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     dataset = _as_dataset(dataset)

@@ -19,9 +19,10 @@ class Attention(nn.Module):
     """Bidirectional multi-head attention.
 
     Weights follow TransformerLens: W_Q, W_K, W_V [head, d_model, d_head], W_O [head, d_head, d_model].
-    When neither ``hook_attn_scores`` nor ``hook_pattern`` is hooked, the pattern is never
-    materialised and ``F.scaled_dot_product_attention`` is used; otherwise the pattern is computed
-    explicitly. Both paths agree within 1e-5.
+    When neither ``hook_attn_scores`` nor ``hook_pattern`` is hooked and ``fused_attn`` is True
+    (the default, as in timm), the pattern is never materialised and
+    ``F.scaled_dot_product_attention`` is used; otherwise the pattern is computed explicitly.
+    Both paths agree within 1e-5.
 
     Options: ``q_norm`` / ``k_norm`` (qk-norm), ``rotary`` (rotary position embeddings,
     applied after qk-norm: ``hook_q`` and ``hook_k`` see the rotated queries and keys), ``ln``
@@ -47,6 +48,7 @@ class Attention(nn.Module):
         self.ln = make_norm(cfg, cfg.n_heads * cfg.d_head) if cfg.attn_norm else None
         self.rel_pos = RelativePositionBias(cfg) if cfg.n_relative_positions else None
         self.use_attn_result = False
+        self.fused_attn = True  # False: always materialise the pattern (timm's switch of that name)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]: after qk-norm and rotary
         self.hook_k = HookPoint()  # [batch, pos, head, d_head]: after qk-norm and rotary
         self.hook_v = HookPoint()  # [batch, pos, head, d_head]
@@ -79,7 +81,7 @@ class Attention(nn.Module):
         # [batch, pos, head, d_head] -> [batch, head, pos, d_head] for the attention kernels
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         bias = None if self.rel_pos is None else self.rel_pos()[None]  # [1, head, query_pos, key_pos]
-        if is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern):
+        if not self.fused_attn or is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern):
             scores = (q * self.cfg.d_head**-0.5) @ k.transpose(-2, -1)
             scores = self.hook_attn_scores(scores if bias is None else scores + bias)
             pattern = self.hook_pattern(scores.softmax(dim=-1))

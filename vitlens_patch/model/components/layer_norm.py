@@ -12,15 +12,19 @@ from vitlens_patch.model.config import ViTConfig
 
 
 def is_hooked(hook_point: HookPoint) -> bool:
-    """Whether any forward or backward hook is attached (such hooks need the explicit path)."""
-    return bool(hook_point._forward_hooks or hook_point._backward_hooks)
+    """Whether a TransformerLens forward or backward hook is attached (``add_hook``,
+    ``run_with_hooks``, ``hooks()``, ``run_with_cache``): such hooks need the explicit path.
+    A plain torch ``register_forward_hook`` is not seen; set the component's ``fused`` switch
+    to False for one."""
+    return bool(hook_point.fwd_hooks or hook_point.bwd_hooks)
 
 
 class LayerNorm(nn.Module):
     """LayerNorm over the last axis, ``(x - mean) / scale * w + b``.
 
     Takes ``[..., length]`` (``length`` is d_model, or d_head for qk-norm). Uses the fused
-    ``F.layer_norm`` unless ``hook_scale`` is hooked; both paths agree within 1e-5.
+    ``F.layer_norm`` unless ``hook_scale`` is hooked or ``fused`` is False (as timm's
+    ``fused_attn``); both paths agree within 1e-5.
     """
 
     def __init__(self, length: int, eps: float):
@@ -28,11 +32,12 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.w = nn.Parameter(torch.ones(length))
         self.b = nn.Parameter(torch.zeros(length))
+        self.fused = True  # False: always the explicit path, with hook_scale computed
         self.hook_scale = HookPoint()  # [..., 1]: sqrt(var + eps)
         self.hook_normalized = HookPoint()  # [..., length]: after w and b
 
     def forward(self, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
-        if is_hooked(self.hook_scale):
+        if not self.fused or is_hooked(self.hook_scale):
             x = x - x.mean(-1, keepdim=True)
             scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
             x = x / scale * self.w + self.b
