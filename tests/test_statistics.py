@@ -42,7 +42,7 @@ def test_wilson_interval_broadcasts_and_is_nan_without_trials():
 
 
 def test_wilson_interval_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 95"):
+    with pytest.raises(ValueError, match=r"confidence must be a number in \(0, 1\), got 95"):
         wilson_interval(1, 2, 95)
     with pytest.raises(ValueError, match=r"successes must be in \[0, n\], got 3.0 of 2"):
         wilson_interval(3, 2, 0.95)

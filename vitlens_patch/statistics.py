@@ -34,8 +34,7 @@ def wilson_interval(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval ``(low, high)`` of a proportion: ``successes`` out of ``n`` trials.
 
-    Computed by :meth:`scipy.stats.binomtest(...).proportion_ci(method="wilson")
-    <scipy.stats._result_classes.BinomTestResult.proportion_ci>`; always inside [0, 1], with
+    Computed by ``scipy.stats.binomtest(...).proportion_ci(method="wilson")``; always inside [0, 1], with
     ``low == 0`` at 0 successes and ``high == 1`` at ``n``. NaN where ``n == 0``. ``successes`` and
     ``n`` broadcast against each other; ``successes`` is rounded to the nearest integer (a mean of
     0/1 values times ``n``).

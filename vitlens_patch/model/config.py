@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from vitlens_patch.checks import check_positive_int
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 ROTARY_LAYOUTS = ("none", "interleaved", "half")
 POOLINGS = ("token", "avg", "max", "avgmax", "distilled", "token_avg", "map", "none")
@@ -127,8 +129,7 @@ class ViTConfig:
         for name, value in [("n_layers", self.n_layers), ("d_model", self.d_model),
                             ("n_heads", self.n_heads), ("d_mlp", self.d_mlp),
                             ("in_chans", self.in_chans)]:
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            check_positive_int(value, name)
         if self.n_classes < 0:
             raise ValueError(f"n_classes must be >= 0 (0: no classifier), got {self.n_classes}")
         for axis in range(2):
