@@ -70,6 +70,23 @@ def test_fast_and_explicit_paths_agree(tiny_images):
     assert (fast - explicit).abs().max() <= 1e-5
 
 
+def test_fused_switches_force_the_explicit_path_seen_by_plain_torch_hooks(tiny_images):
+    model = HookedViT.from_timm(tiny_timm_vit(qk_norm=True))
+    patterns = []
+    model.blocks[0].attn.hook_pattern.register_forward_hook(lambda module, args, output: patterns.append(output))
+    with torch.no_grad():
+        fast = model(tiny_images)
+        assert patterns == []  # a plain torch hook is not seen: the fused kernel runs
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
+            if hasattr(module, "fused"):
+                module.fused = False
+        explicit = model(tiny_images)
+    assert len(patterns) == 1 and patterns[0].shape == (3, 2, 17, 17)
+    assert (fast - explicit).abs().max() <= 1e-5
+
+
 def test_attn_result_sums_to_attn_out(tiny_images):
     model = every_hook_model()
     _, cache = model.run_with_cache(tiny_images)

@@ -43,6 +43,7 @@ class AttentionPool(nn.Module):
         self.b_V = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
         self.b_O = nn.Parameter(torch.zeros(cfg.d_model))
         self.ln = make_norm(cfg, cfg.d_model)
+        self.fused_attn = True  # False: always materialise the pattern (timm's switch of that name)
         self.mlp = MLP(dataclasses.replace(cfg, proj_bias=True, gated_mlp=False, mlp_norm=False))
         self.hook_q = HookPoint()  # [batch, 1, head, d_head]: the latent's query
         self.hook_k = HookPoint()  # [batch, key_pos, head, d_head]
@@ -67,7 +68,7 @@ class AttentionPool(nn.Module):
         v = self.hook_v(self._project(tokens, self.W_V, self.b_V))
         # [batch, pos, head, d_head] -> [batch, head, pos, d_head] for the attention kernels
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern):
+        if not self.fused_attn or is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern):
             scores = self.hook_attn_scores((q * self.cfg.d_head**-0.5) @ k.transpose(-2, -1))
             z = self.hook_pattern(scores.softmax(dim=-1)) @ v
         else:
