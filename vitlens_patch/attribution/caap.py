@@ -17,7 +17,8 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
-from vitlens_patch.attribution.base import Attributor, Target
+from vitlens_patch.attribution.base import Attributor
+from vitlens_patch.checks import Target, check_positive_int, check_target
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_blur
 from vitlens_patch.patching.attribution_patching import METHODS, restore_cells
@@ -74,6 +75,7 @@ def caap(
     context="blur",
     score="logit",
     batch_size: int | None = None,
+    rows_per_pass: int | None = None,
     upsample: Literal[False, "bilinear", "bicubic"] = False,
     method: str = "exact",
     verify_top_k: int | None = None,
@@ -115,7 +117,11 @@ def caap(
         context: "blur" (default), "zeros", "mean" or an image tensor.
         score: "logit" (default), "prob", "logprob", ("logit_diff", c) or a callable
             (logits, target) -> [batch].
-        batch_size: rows (image, patch) per batched pass; default from the engine's memory budget.
+        batch_size: images per engine call (each caches its source and context runs); default
+            all of them in one call.
+        rows_per_pass: (image, patch) rows per batched pass; default None, the engine's memory
+            budget for the model's device type (``engine.rows_per_pass_within``: 96 MB on the
+            CPU, 4 GB on CUDA).
         upsample: False for [batch, grid_h, grid_w]; "bilinear" / "bicubic" for [batch, H, W].
         method: "exact" (the engine) or "attribution" (the estimate above).
         verify_top_k: with "attribution", score each image's k largest estimates exactly.
@@ -134,19 +140,29 @@ def caap(
     if upsample not in (False, None, "bilinear", "bicubic"):
         raise ValueError(f"upsample must be False, 'bilinear' or 'bicubic', got {upsample!r}")
     images = model.check_images(images)
+    n_images = len(images)
+    batch_size = check_positive_int(batch_size, "batch_size", allow_none=True) or n_images
+    target = check_target(target, n_images, cfg.n_classes, images.device)
     cells = [
         tuple(Site(f"blocks.{layer}.hook_resid_pre", (cfg.n_prefix_tokens + patch,)) for layer in range(start, stop))
         for patch in range(cfg.n_patches)
     ]
-    output, exact = restore_cells(
-        model, images, context_images(model, images, context), cells, method=method, verify_top_k=verify_top_k,
-        score=score, target=target, rows_per_pass=batch_size, dtype=dtype, progress=progress,
-    )
-    maps = rearrange(output.effects, "batch (grid_h grid_w) -> batch grid_h grid_w", grid_h=cfg.grid_size[0])
+    contexts = context_images(model, images, context)
+    effects, exact = [], []
+    for chunk in (slice(i, i + batch_size) for i in range(0, n_images, batch_size)):
+        output, chunk_exact = restore_cells(
+            model, images[chunk], contexts[chunk], cells, method=method, verify_top_k=verify_top_k, score=score,
+            target=None if target is None else target[chunk], rows_per_pass=rows_per_pass, dtype=dtype,
+            progress=progress,
+        )
+        effects.append(output.effects)
+        exact.append(chunk_exact)
+    grid_h = cfg.grid_size[0]
+    maps = rearrange(torch.cat(effects), "batch (grid_h grid_w) -> batch grid_h grid_w", grid_h=grid_h)
     if upsample:
         maps = F.interpolate(maps[:, None], size=cfg.img_size, mode=upsample, align_corners=False)[:, 0]
     if return_exact:
-        return maps, rearrange(exact, "batch (grid_h grid_w) -> batch grid_h grid_w", grid_h=cfg.grid_size[0])
+        return maps, rearrange(torch.cat(exact), "batch (grid_h grid_w) -> batch grid_h grid_w", grid_h=grid_h)
     return maps
 
 
@@ -156,17 +172,21 @@ class CAAP(Attributor):
     Args:
         model: the HookedViT.
         layers, context, method, verify_top_k, dtype: see :func:`caap`.
+        rows_per_pass: (image, patch) rows per batched pass; default None, the engine's memory
+            budget for the model's device type (4 GB on CUDA), see :func:`caap`.
         score, upsample, batch_size, progress: as for every ``Attributor``; ``batch_size`` counts
-            (image, patch) rows per batched pass.
+            images per engine call.
     """
 
     def __init__(
         self, model: HookedViT, *, layers: tuple[int, int] | None = None, context="blur", method: str = "exact",
-        verify_top_k: int | None = None, dtype: torch.dtype | None = None, **options,
+        verify_top_k: int | None = None, rows_per_pass: int | None = None, dtype: torch.dtype | None = None,
+        **options,
     ):
         super().__init__(model, **options)
         self.layers = check_block_range(layers, model.cfg.n_layers)
         self.context = context
+        self.rows_per_pass = rows_per_pass
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method, self.verify_top_k, self.dtype = method, verify_top_k, dtype
@@ -178,7 +198,7 @@ class CAAP(Attributor):
     def _attribute(self, images: Tensor, target: Tensor | None) -> Tensor:
         return caap(
             self.model, images, target=target, layers=self.layers, context=self.context,
-            score=self.score, batch_size=self.batch_size, method=self.method, verify_top_k=self.verify_top_k,
-            dtype=self.dtype, progress=self.progress,
+            score=self.score, batch_size=self.batch_size, rows_per_pass=self.rows_per_pass, method=self.method,
+            verify_top_k=self.verify_top_k, dtype=self.dtype, progress=self.progress,
         )
 

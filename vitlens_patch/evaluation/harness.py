@@ -30,7 +30,7 @@ from vitlens_patch.studies.runner import run_study, stack_column
 TARGETS = ("label", "predicted")
 # Attributor attributes that change how a map is computed, not what it is: a resumed evaluation
 # may change them.
-_EXECUTION_OPTIONS = ("model", "score_fn", "progress", "batch_size")
+_EXECUTION_OPTIONS = ("model", "score_fn", "progress", "batch_size", "rows_per_pass")
 
 
 def evaluate(

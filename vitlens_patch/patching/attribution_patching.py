@@ -49,15 +49,14 @@ from tqdm.auto import tqdm
 from vitlens_patch.checks import check_positive_int
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.engine import (
-    DEFAULT_MEMORY_BUDGET_MB,
     Corruption,
     RestoreOutput,
-    _bytes_per_row,
     _site_mask,
     cached_run,
     check_cells,
     precision,
     resolve_corruption,
+    rows_per_pass_within,
     run_restore,
 )
 from vitlens_patch.patching.scores import apply_score, check_score_for_model, resolve_score, resolve_target
@@ -131,11 +130,7 @@ def pattern_terms(
 def images_per_pass(model: HookedViT, memory_budget_mb: float | None) -> int:
     """Images per attribution pass within ``memory_budget_mb`` (default: the engine's budget for
     the device type); a backward pass keeps every layer's activations."""
-    if memory_budget_mb is None:
-        memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB.get(model.device.type, DEFAULT_MEMORY_BUDGET_MB["cuda"])
-    if memory_budget_mb <= 0:
-        raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
-    return max(1, int(memory_budget_mb * 2**20 // (model.cfg.n_layers * _bytes_per_row(model))))
+    return max(1, rows_per_pass_within(model, memory_budget_mb) // model.cfg.n_layers)
 
 
 def _qk_kind(site: Site, qk_fix: bool) -> str | None:

@@ -154,6 +154,36 @@ def _bytes_per_row(model: HookedViT) -> int:
     return cfg.n_pos * width * torch.finfo(model.dtype).bits // 8
 
 
+def rows_per_pass_within(
+    model: HookedViT,
+    memory_budget_mb: float | None = None,
+    rows_per_pass: int | None = None,
+    *,
+    device_type: str | None = None,
+) -> int:
+    """The (image, cell) rows per batched pass ``run_restore`` uses.
+
+    Args:
+        model: the HookedViT (its size and dtype set the memory of a row).
+        memory_budget_mb: activation memory allowed per pass; default ``DEFAULT_MEMORY_BUDGET_MB``
+            for ``device_type`` (the CUDA budget for accelerators not listed).
+        rows_per_pass: an explicit choice, returned as is (a positive int), or None for the budget's.
+        device_type: whose default budget applies; default the model's device type ("cpu",
+            "cuda"...), so the choice for a model on a GPU can be asked without one.
+
+    Returns:
+        ``rows_per_pass``, or ``max(1, budget // bytes per row)``.
+    """
+    if memory_budget_mb is None:
+        device_type = device_type or model.device.type
+        memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB.get(device_type, DEFAULT_MEMORY_BUDGET_MB["cuda"])
+    if memory_budget_mb <= 0:
+        raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+    if rows_per_pass is None:
+        return max(1, int(memory_budget_mb * 2**20 // _bytes_per_row(model)))
+    return check_positive_int(rows_per_pass, "rows_per_pass", allow_none=True)
+
+
 @renamed_keywords(metric="score")
 def run_restore(
     model: HookedViT,
@@ -184,9 +214,10 @@ def run_restore(
             :func:`~vitlens_patch.patching.scores.resolve_score`. (``metric=`` is its deprecated
             name.)
         target: class per image; default the clean run's prediction.
-        memory_budget_mb: activation memory allowed per batched pass; sets the rows per pass.
-            Default ``DEFAULT_MEMORY_BUDGET_MB`` for the model's device type: small on the CPU,
-            where passes that stay in cache run fastest, large on accelerators.
+        memory_budget_mb: activation memory allowed per batched pass; sets the rows per pass
+            (:func:`rows_per_pass_within`). Default ``DEFAULT_MEMORY_BUDGET_MB`` for the model's
+            device type: small on the CPU, where passes that stay in cache run fastest, large on
+            accelerators.
         rows_per_pass: (image, cell) rows per batched pass, overriding ``memory_budget_mb``.
         selected: [image, cell] bool: restore only these pairs (the others' restored_score is
             NaN); default every pair.
@@ -200,11 +231,7 @@ def run_restore(
     clean = model.check_images(clean)
     corrupted_images, corrupted_hooks = resolve_corruption(model, clean, corrupted)
     cells = check_cells(model, cells)
-    if memory_budget_mb is None:
-        memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB.get(model.device.type, DEFAULT_MEMORY_BUDGET_MB["cuda"])
-    if memory_budget_mb <= 0:
-        raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
-    check_positive_int(rows_per_pass, "rows_per_pass", allow_none=True)
+    chunk = rows_per_pass_within(model, memory_budget_mb, rows_per_pass)
     score_fn = resolve_score(score)
     check_score_for_model(score_fn, score, model.cfg.n_classes)
     device = model.device
@@ -241,7 +268,6 @@ def run_restore(
         rows_by_start[layer].extend(
             (image, cell_index) for image in range(n_images) if chosen is None or chosen[image, cell_index]
         )
-    chunk = rows_per_pass or max(1, int(memory_budget_mb * 2**20 // _bytes_per_row(model)))
     chunks = [
         (layer, rows[i : i + chunk]) for layer, rows in sorted(rows_by_start.items())
         for i in range(0, len(rows), chunk)
