@@ -105,8 +105,8 @@ UNSUPPORTED = [
     (lambda: tiny_timm_vit(global_pool="prr"), "global_pool=.prr. is not supported"),
     (lambda: tiny_timm_vit(dynamic_img_size=True), "dynamic_img_size"),
     (lambda: tiny_timm_vit(global_pool=""), "global_pool='' with a classifier"),
-    (lambda: tiny_timm_vit(scale_mlp_norm=True), "MLP type"),
-    (lambda: tiny_timm_vit(mlp_layer=timm.layers.SwiGLU), "MLP type SwiGLU"),
+    (lambda: tiny_timm_vit(mlp_layer=timm.layers.GluMlp), "GluMlp with gate_last=True"),
+    (lambda: tiny_timm_vit(mlp_layer=timm.layers.GatedMlp), "MLP type GatedMlp"),
     (lambda: tiny_timm_vit(norm_layer=timm.layers.RmsNormFp32), "normalisation RmsNormFp32"),
     (lambda: tiny_timm_vit(pos_embed="none"), "pos_embed='none'"),
 ]

@@ -1,9 +1,13 @@
 """timm ``VisionTransformer`` variants (attention pooling, RMSNorm, ...) -> HookedViT: parity on
 small perturbed instances, live hooks, and the patching tools against per-cell references."""
 
+import functools
+
 import pytest
 import timm
 import torch
+from timm.layers import HybridEmbed, RmsNorm, StdConv2dSame, SwiGLU, SwiGLUPacked
+from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 
 from tests.conversion.checks import TOLERANCE, assert_every_hook_is_live, assert_tools_match_references, relative_error
@@ -11,12 +15,29 @@ from vitlens_patch.model import HookedViT
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 
+
+def tiny_hybrid_embed(**kwargs) -> HybridEmbed:
+    """timm's R50+ViT embedding in miniature: a one-stage ResNetV2 (stride 4, 16 channels, group
+    norms), then the patch projection (kernel 2: 8 pixels per token)."""
+    backbone = ResNetV2(layers=(1,), channels=(16,), stem_chs=8, num_classes=0, global_pool="", preact=False,
+                        stem_type="same", conv_layer=functools.partial(StdConv2dSame, eps=1e-8),
+                        norm_layer=functools.partial(timm.layers.GroupNormAct, num_groups=4))
+    return HybridEmbed(backbone=backbone, **kwargs)
+
 # family -> VisionTransformer kwargs over TINY
 FAMILIES = {
     "siglip_map_pool": dict(class_token=False, global_pool="map", act_layer="gelu_tanh"),
     "map_pool_class_token_registers": dict(global_pool="map", reg_tokens=2),
     "map_pool_include_prefix_headless": dict(global_pool="map", pool_include_prefix=True, num_classes=0),
     "rms_norm_qk_norm": dict(norm_layer="rmsnorm", qk_norm=True, global_pool="avg"),
+    "aimv2_embed_norm_rms_swiglu": dict(
+        class_token=False, fc_norm=False, global_pool="avg", qkv_bias=False, proj_bias=False, act_layer="silu",
+        mlp_ratio=2.75, norm_layer=functools.partial(RmsNorm, eps=1e-5),
+        embed_norm_layer=functools.partial(RmsNorm, eps=1e-5), mlp_layer=SwiGLU,
+    ),
+    "dinov2_giant_swiglu_packed": dict(mlp_layer=SwiGLUPacked, act_layer="silu", init_values=0.5, reg_tokens=2),
+    "beit3_scale_attn_and_mlp_norms": dict(scale_attn_norm=True, scale_mlp_norm=True),
+    "hybrid_cnn_stem": dict(embed_layer=tiny_hybrid_embed, patch_size=2),
 }
 
 

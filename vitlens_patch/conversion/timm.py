@@ -1,14 +1,17 @@
 """timm VisionTransformer -> HookedViT: config, state dict and data config.
 
 Supported: ``timm.models.vision_transformer.VisionTransformer`` and DeiT's
-``VisionTransformerDistilled`` with standard blocks (LayerNorm, Attention, Mlp), class / register /
-distillation tokens, learned position embeddings (with or without prefix positions), pre-norm,
-token / avg / max / avgmax pooling with or without fc_norm, layer scale, qk-norm, any image and
-patch size. Anything else raises ``NotImplementedError`` naming the feature.
+``VisionTransformerDistilled``: class / register / distillation tokens, learned position
+embeddings (with or without prefix positions), pre-norm, LayerNorm or RMSNorm, token / avg / max /
+avgmax pooling with or without fc_norm, attention pooling (``global_pool='map'``), layer scale,
+qk-norm, ``scale_attn_norm`` / ``scale_mlp_norm``, Mlp / SwiGLU / packed GluMlp MLPs, a norm inside
+the patch embedding (``embed_norm_layer``), ``HybridEmbed`` CNN stems, any image and patch size.
+Anything else raises ``NotImplementedError`` naming the feature.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 from typing import Any
 
@@ -95,8 +98,6 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     Raises:
         NotImplementedError: naming the unsupported model class, layer type or flag.
     """
-    from timm.layers import Mlp, PatchEmbed
-    from timm.layers.attention import Attention
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -124,32 +125,24 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         raise NotImplementedError("dynamic_img_size=True is not supported; build the model at a fixed img_size")
     if model.pos_embed is None:
         raise NotImplementedError("pos_embed='none' (no position embedding) is not supported")
-    embed = model.patch_embed
-    if type(embed) is not PatchEmbed or not embed.flatten or embed.dynamic_img_pad:
-        raise NotImplementedError(f"patch embedding {type(embed).__name__} with these options is not supported")
-    if not isinstance(embed.norm, nn.Identity):
-        raise NotImplementedError("embed_norm_layer (a norm inside the patch embedding) is not supported")
+    embed_fields = timm_embed_fields(model.patch_embed)
     if not isinstance(model.patch_drop, nn.Identity) and model.training:
         raise NotImplementedError("patch_drop_rate > 0 in training mode is not supported; call model.eval()")
 
     blocks = timm_blocks(model, Block)
     first = blocks[0]
-    for index, block in enumerate(blocks):
-        where = f"blocks.{index}"
-        if type(block.attn) is not Attention or block.attn.gate is not None:
-            raise NotImplementedError(f"{where}: attention type {type(block.attn).__name__} is not supported")
-        if not isinstance(block.attn.norm, nn.Identity):
-            raise NotImplementedError(f"{where}: scale_attn_norm=True is not supported")
-        if type(block.mlp) is not Mlp or not isinstance(block.mlp.norm, nn.Identity):
-            raise NotImplementedError(f"{where}: MLP type {type(block.mlp).__name__} (or scale_mlp_norm) is not supported")
-        if type(block.attn.q_norm) is not type(first.attn.q_norm) or type(block.ls1) is not type(first.ls1):
-            raise NotImplementedError(f"{where}: blocks with different options are not supported")
+    block_fields = [timm_block_fields(block, f"blocks.{index}") for index, block in enumerate(blocks)]
+    for index, fields in enumerate(block_fields):
+        if fields != block_fields[0]:
+            raise NotImplementedError(f"blocks.{index}: blocks with different options are not supported")
 
-    qk_norm = not isinstance(first.attn.q_norm, nn.Identity)
     norm, eps = norm_kind(first.norm1, "blocks.0.norm1")
     norms = [(f"blocks.{i}.{name}", getattr(block, name)) for i, block in enumerate(blocks) for name in ("norm1", "norm2")]
-    norms += [("blocks.0.attn.q_norm", first.attn.q_norm), ("norm", model.norm), ("fc_norm", model.fc_norm),
-              ("norm_pre", model.norm_pre)]
+    norms += [(f"blocks.{i}.attn.{name}", getattr(block.attn, name)) for i, block in enumerate(blocks)
+              for name in ("q_norm", "k_norm", "norm")]
+    norms += [(f"blocks.{i}.mlp.norm", block.mlp.norm) for i, block in enumerate(blocks)]
+    norms += [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre),
+              ("patch_embed.norm", getattr(model.patch_embed, "norm", nn.Identity()))]
     if model.attn_pool is not None:
         norms.append(("attn_pool.norm", model.attn_pool.norm))
     for name, layer in norms:
@@ -162,13 +155,7 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     return ViTConfig(
         n_layers=len(blocks),
         d_model=model.embed_dim,
-        n_heads=first.attn.num_heads,
-        d_head=first.attn.head_dim,
-        d_mlp=first.mlp.fc1.out_features,
-        img_size=tuple(embed.img_size),
-        patch_size=tuple(embed.patch_size),
         n_classes=model.num_classes,
-        in_chans=embed.proj.in_channels,
         class_token=model.cls_token is not None,
         n_register_tokens=model.num_reg_tokens,
         distilled=distilled,
@@ -178,13 +165,74 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         pooling="distilled" if distilled else (model.global_pool or "none"),
         pool_include_prefix=bool(model.pool_include_prefix) and model.global_pool not in ("token", ""),
         norm=norm,
-        layer_scale=not isinstance(first.ls1, nn.Identity),
-        qkv_bias=first.attn.qkv.bias is not None,
-        proj_bias=first.attn.proj.bias is not None,
-        patch_embed_bias=embed.proj.bias is not None,
-        qk_norm=qk_norm,
-        activation=activation_name(first.mlp.act),
         eps=eps,
+        **embed_fields,
+        **block_fields[0],
+    )
+
+
+def timm_embed_fields(embed: nn.Module) -> dict:
+    """ViTConfig fields of a timm ``PatchEmbed`` (with or without a norm inside) or ``HybridEmbed``
+    (a CNN stem, then the patch projection)."""
+    from timm.layers import HybridEmbed, PatchEmbed
+
+    if type(embed) not in (PatchEmbed, HybridEmbed) or not embed.flatten or embed.dynamic_img_pad:
+        raise NotImplementedError(f"patch embedding {type(embed).__name__} with these options is not supported")
+    if not isinstance(embed.proj, nn.Conv2d) or embed.proj.stride != embed.proj.kernel_size or embed.proj.padding != (0, 0):
+        raise NotImplementedError(f"patch embedding {type(embed).__name__} without a non-overlapping patch projection is not supported")
+    fields = dict(img_size=tuple(embed.img_size), patch_embed_bias=embed.proj.bias is not None,
+                  in_chans=embed.proj.in_channels)
+    if type(embed) is PatchEmbed:
+        return fields | dict(patch_size=tuple(embed.patch_size), embed_norm=not isinstance(embed.norm, nn.Identity))
+    stride = tuple(embed.feature_ratio)
+    patch_size = tuple(r * p for r, p in zip(stride, embed.patch_size))
+    grid = tuple(i // p for i, p in zip(embed.img_size, patch_size))
+    if grid != tuple(embed.grid_size) or any(i % r for i, r in zip(embed.img_size, stride)):
+        raise NotImplementedError(
+            f"HybridEmbed whose feature map {tuple(embed.feature_size)} is not img_size {tuple(embed.img_size)} "
+            f"/ feature_ratio {stride} is not supported"
+        )
+    return fields | dict(patch_size=patch_size, in_chans=embed.in_chans, stem_channels=embed.feature_dim,
+                         stem_stride=stride)
+
+
+def timm_mlp_fields(mlp: nn.Module, where: str) -> dict:
+    """ViTConfig fields of a timm ``Mlp``, packed ``GluMlp`` (gate first, SwiGLUPacked) or ``SwiGLU``,
+    with or without the hidden norm (``scale_mlp_norm``)."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    if type(mlp) not in (Mlp, GluMlp, SwiGLU) or not isinstance(mlp.fc2, nn.Linear):
+        raise NotImplementedError(f"{where}: MLP type {type(mlp).__name__} is not supported")
+    if type(mlp) is GluMlp and (mlp.gate_last or mlp.chunk_dim != -1):
+        raise NotImplementedError(f"{where}: GluMlp with gate_last=True is not supported")
+    fc1 = mlp.fc1_g if type(mlp) is SwiGLU else mlp.fc1
+    return dict(
+        d_mlp=fc1.out_features // (2 if type(mlp) is GluMlp else 1),
+        gated_mlp=type(mlp) is not Mlp,
+        mlp_norm=not isinstance(mlp.norm, nn.Identity),
+        activation=activation_name(mlp.act),
+        proj_bias=mlp.fc2.bias is not None,
+    )
+
+
+def timm_block_fields(block: nn.Module, where: str) -> dict:
+    """ViTConfig fields of one timm ``Block`` (attention, MLP, layer scale), refusing what
+    HookedViT cannot represent."""
+    from timm.layers.attention import Attention
+
+    attn = block.attn
+    if type(attn) is not Attention or attn.gate is not None:
+        raise NotImplementedError(f"{where}: attention type {type(attn).__name__} is not supported")
+    mlp = timm_mlp_fields(block.mlp, f"{where}.mlp")
+    if (attn.proj.bias is not None) != mlp["proj_bias"]:
+        raise NotImplementedError(f"{where}: an attention projection bias without MLP biases (or back) is not supported")
+    return mlp | dict(
+        n_heads=attn.num_heads,
+        d_head=attn.head_dim,
+        qkv_bias=attn.qkv.bias is not None,
+        qk_norm=not isinstance(attn.q_norm, nn.Identity),
+        attn_norm=not isinstance(attn.norm, nn.Identity),
+        layer_scale=not isinstance(block.ls1, nn.Identity),
     )
 
 
@@ -262,6 +310,11 @@ def convert_timm_embeddings(keys: StateDictTaker, cfg: ViTConfig) -> dict[str, T
         out["pos_embed.W_pos"] = keys.take("pos_embed")[0]
     if cfg.patch_embed_bias:
         out["embed.b_E"] = keys.take("patch_embed.proj.bias")
+    if cfg.embed_norm:
+        out |= keys.norm("patch_embed.norm", "embed.ln")
+    if cfg.stem_channels:  # the CNN stem's parameters and buffers, as they are
+        stem = "patch_embed.backbone."
+        out |= {f"embed.stem.{key[len(stem):]}": keys.take(key) for key in list(keys.source) if key.startswith(stem)}
     if cfg.pre_norm:
         out |= keys.norm("norm_pre", "ln_pre")
     return out
@@ -325,6 +378,31 @@ def convert_timm_attention_pool(keys: StateDictTaker, cfg: ViTConfig, prefix: st
     return out | keys.norm(f"{prefix}.norm", f"{dst}.ln")
 
 
+def convert_timm_mlp(keys: StateDictTaker, cfg: ViTConfig, src: str, dst: str) -> dict[str, Tensor]:
+    """A timm ``Mlp``, packed ``GluMlp`` (one fc1, gate half first) or ``SwiGLU`` (fc1_g, fc1_x)
+    at ``src`` -> HookedViT's MLP / GatedMLP at ``dst`` (weights transposed to [d_in, d_out])."""
+    out = {}
+    if f"{src}.fc1_g.weight" in keys:  # SwiGLU: separate gate and linear branches
+        fc1 = {"W_gate": f"{src}.fc1_g", "W_in": f"{src}.fc1_x"}
+        out |= {f"{dst}.{name}": keys.take(f"{key}.weight").T for name, key in fc1.items()}
+        if cfg.proj_bias:
+            out |= {f"{dst}.b{name[1:]}": keys.take(f"{key}.bias") for name, key in fc1.items()}
+    elif cfg.gated_mlp:  # GluMlp: one packed projection, gate first
+        out[f"{dst}.W_gate"], out[f"{dst}.W_in"] = keys.take(f"{src}.fc1.weight").T.chunk(2, dim=-1)
+        if cfg.proj_bias:
+            out[f"{dst}.b_gate"], out[f"{dst}.b_in"] = keys.take(f"{src}.fc1.bias").chunk(2)
+    else:
+        out[f"{dst}.W_in"] = keys.take(f"{src}.fc1.weight").T
+        if cfg.proj_bias:
+            out[f"{dst}.b_in"] = keys.take(f"{src}.fc1.bias")
+    out[f"{dst}.W_out"] = keys.take(f"{src}.fc2.weight").T
+    if cfg.proj_bias:
+        out[f"{dst}.b_out"] = keys.take(f"{src}.fc2.bias")
+    if cfg.mlp_norm:
+        out |= keys.norm(f"{src}.norm", f"{dst}.ln")
+    return out
+
+
 def convert_timm_head(keys: StateDictTaker, cfg: ViTConfig) -> dict[str, Tensor]:
     """Final norm, attention pooling and classifier (and DeiT's distillation classifier)."""
     out = convert_timm_attention_pool(keys, cfg) if cfg.pooling == "map" else {}
@@ -352,11 +430,9 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> di
     for i in range(cfg.n_layers):
         src = dst = f"blocks.{i}"
         out |= convert_timm_attention(keys, cfg, i)
-        out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T
-        out[f"{dst}.mlp.W_out"] = keys.take(f"{src}.mlp.fc2.weight").T
-        if cfg.proj_bias:
-            out[f"{dst}.mlp.b_in"] = keys.take(f"{src}.mlp.fc1.bias")
-            out[f"{dst}.mlp.b_out"] = keys.take(f"{src}.mlp.fc2.bias")
+        if cfg.attn_norm:
+            out |= keys.norm(f"{src}.attn.norm", f"{dst}.attn.ln")
+        out |= convert_timm_mlp(keys, cfg, f"{src}.mlp", f"{dst}.mlp")
         if cfg.layer_scale:
             out[f"{dst}.gamma_attn"] = keys.take(f"{src}.ls1.gamma")
             out[f"{dst}.gamma_mlp"] = keys.take(f"{src}.ls2.gamma")
@@ -398,8 +474,11 @@ def from_timm(model_or_name: Any, pretrained: bool = False, **timm_kwargs) -> Ho
             f"model_or_name must be a timm model or a timm model name, got {type(model_or_name).__name__}"
         )
     cfg = config_from_timm(model)
+    # a hybrid's CNN stem is copied as a module (its weights are assigned again from the state dict)
+    stem = copy.deepcopy(model.patch_embed.backbone) if cfg.stem_channels else None
     with torch.device("meta"):  # no memory and no random initialisation: the weights come next
-        hooked = HookedViT(cfg, data_config=data_config_from_timm(model, cfg), class_names=_class_names(model))
+        hooked = HookedViT(cfg, data_config=data_config_from_timm(model, cfg), class_names=_class_names(model),
+                           stem=stem)
     load_state_dict_strictly(hooked, _convert_state_dict(model, cfg), assign=True)
     return hooked.eval()
 

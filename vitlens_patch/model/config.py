@@ -78,6 +78,14 @@ class ViTConfig:
             ``ResPostBlock``, ``EvaBlockPostNorm``): ``resid_mid = resid_pre + ln1(attn(resid_pre))``.
         attn_only_layer_scale: with ``layer_scale``, only the attention branch is scaled (timm's
             ``attn_only_layer_scale``, Sapiens2).
+        embed_norm: a norm on the patch embeddings inside the patch embedding (timm's
+            ``embed_norm_layer``, AIMv2): ``hook_embed`` is after it.
+        stem_channels, stem_stride: a CNN stem (timm's ``HybridEmbed``: R50+ViT and friends)
+            when ``stem_channels`` > 0: the stem maps the image to a feature map [batch,
+            stem_channels, height / stem_stride, width / stem_stride], then the patch
+            projection (kernel ``patch_size / stem_stride``) makes the tokens. ``patch_size`` is
+            the pixels per token. The stem is an opaque module passed to ``HookedViT`` (it has no
+            config of its own); it runs as one unit.
     """
 
     n_layers: int
@@ -115,10 +123,14 @@ class ViTConfig:
     n_relative_positions: int = 0
     post_norm: bool = False
     attn_only_layer_scale: bool = False
+    embed_norm: bool = False
+    stem_channels: int = 0
+    stem_stride: tuple[int, int] = (1, 1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", _pair(self.img_size))
         object.__setattr__(self, "patch_size", _pair(self.patch_size))
+        object.__setattr__(self, "stem_stride", _pair(self.stem_stride))
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise ValueError(
@@ -156,6 +168,11 @@ class ViTConfig:
             raise ValueError(f"n_relative_positions must be >= 0 (0: no relative position bias), got {self.n_relative_positions}")
         if self.attn_only_layer_scale and not self.layer_scale:
             raise ValueError("attn_only_layer_scale=True needs layer_scale=True")
+        if self.stem_channels < 0 or any(s < 1 or p % s for s, p in zip(self.stem_stride, self.patch_size)):
+            raise ValueError(
+                f"stem_channels must be >= 0 and stem_stride divide patch_size, got stem_channels="
+                f"{self.stem_channels}, stem_stride={self.stem_stride}, patch_size={self.patch_size}"
+            )
         if self.pooling == "token_avg" and not self.class_token:
             raise ValueError("pooling='token_avg' needs class_token=True")
 

@@ -42,6 +42,8 @@ class HookedViT(HookedRootModule):
     ``divmod(p, cfg.grid_size[1])``.
 
     Hook points (shapes):
+        embed.hook_stem         [batch, stem_channels, feature_h, feature_w]  CNN stem output (hybrids)
+        embed.ln.hook_*         [batch, n_patches, ...]      only when cfg.embed_norm (AIMv2)
         hook_embed              [batch, n_patches, d_model]  patch embeddings
         hook_pos_embed          [batch, pos, d_model]        position embeddings added
         hook_full_embed         [batch, pos, d_model]        tokens + positions (prefix included);
@@ -76,7 +78,8 @@ class HookedViT(HookedRootModule):
     (``with torch.device("meta")``: no memory, no random initialisation) and assign the converted
     weights; built anywhere else the model is randomly initialised by ``init_weights``.
     ``data_config`` holds the preprocessing the weights expect; ``class_names`` the label of each
-    logit when known.
+    logit when known; ``stem`` is the CNN stem module of a hybrid model (``cfg.stem_channels`` >
+    0, see ``PatchEmbed``), None otherwise.
     """
 
     def __init__(
@@ -84,12 +87,13 @@ class HookedViT(HookedRootModule):
         cfg: ViTConfig,
         data_config: DataConfig | None = None,
         class_names: tuple[str, ...] | None = None,
+        stem: nn.Module | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.data_config = data_config or DataConfig(input_size=(cfg.in_chans, *cfg.img_size))
         self.class_names = tuple(class_names) if class_names is not None else None
-        self.embed = PatchEmbed(cfg)
+        self.embed = PatchEmbed(cfg, stem)
         self.hook_embed = HookPoint()  # [batch, n_patches, d_model]
         self.prefix_tokens = PrefixTokens(cfg)
         self.pos_embed = PosEmbed(cfg)
@@ -111,6 +115,8 @@ class HookedViT(HookedRootModule):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             for name, param in self.named_parameters():
+                if name.startswith("embed.stem."):  # a hybrid's CNN stem comes initialised
+                    continue
                 leaf = name.rsplit(".", 1)[-1]
                 if leaf in ("w", "gamma_attn", "gamma_mlp"):
                     param.fill_(1.0)
@@ -222,7 +228,7 @@ class HookedViT(HookedRootModule):
             )
         headless = dataclasses.replace(self.cfg, n_classes=0)
         with torch.device("meta"):
-            model = HookedViT(headless, data_config=self.data_config, class_names=class_names)
+            model = HookedViT(headless, data_config=self.data_config, class_names=class_names, stem=self.embed.stem)
         for name, module in self.named_children():
             if name not in ("head", "hook_pooled", "hook_logits"):
                 setattr(model, name, module)

@@ -9,6 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from vitlens_patch.model.components.layer_norm import make_norm
 from vitlens_patch.model.config import ViTConfig
 
 
@@ -16,19 +17,35 @@ class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens: a stride-``patch_size`` convolution.
 
     W_E [d_model, in_chans, patch_h, patch_w]; tokens come out row-major over the patch grid.
+    With a CNN stem (``cfg.stem_channels`` > 0, timm's ``HybridEmbed``) the stem module
+    ``stem`` runs first as one unit (``hook_stem`` [batch, stem_channels, feature_h, feature_w]
+    is its output) and W_E [d_model, stem_channels, patch_h / stride_h, patch_w / stride_w]
+    projects its feature map. With ``cfg.embed_norm`` a norm ``ln`` acts on the tokens.
     """
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, stem: nn.Module | None = None):
         super().__init__()
-        self.patch_size = cfg.patch_size
-        self.W_E = nn.Parameter(torch.empty(cfg.d_model, cfg.in_chans, *cfg.patch_size))
+        if bool(cfg.stem_channels) != (stem is not None):
+            raise ValueError(
+                f"stem must be the CNN stem module exactly when cfg.stem_channels > 0, got "
+                f"stem_channels={cfg.stem_channels} and stem={type(stem).__name__}"
+            )
+        self.stem = stem
+        self.hook_stem = HookPoint() if stem is not None else None  # [batch, stem_channels, feature_h, feature_w]
+        in_chans = cfg.stem_channels or cfg.in_chans
+        self.kernel = tuple(p // s for p, s in zip(cfg.patch_size, cfg.stem_stride))
+        self.W_E = nn.Parameter(torch.empty(cfg.d_model, in_chans, *self.kernel))
         self.b_E = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.patch_embed_bias else None
+        self.ln = make_norm(cfg, cfg.d_model) if cfg.embed_norm else None
 
     def forward(
         self, images: Float[Tensor, "batch channel height width"]
     ) -> Float[Tensor, "batch n_patches d_model"]:
-        grid = F.conv2d(images, self.W_E, self.b_E, stride=self.patch_size)
-        return rearrange(grid, "batch d_model grid_h grid_w -> batch (grid_h grid_w) d_model")
+        if self.stem is not None:
+            images = self.hook_stem(self.stem(images))
+        grid = F.conv2d(images, self.W_E, self.b_E, stride=self.kernel)
+        tokens = rearrange(grid, "batch d_model grid_h grid_w -> batch (grid_h grid_w) d_model")
+        return tokens if self.ln is None else self.ln(tokens)
 
 
 class PrefixTokens(nn.Module):
