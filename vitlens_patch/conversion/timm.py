@@ -82,6 +82,7 @@ def timm_blocks(model: nn.Module, block_type: type, what: str = "block type") ->
 FAMILY_CONVERTERS = {
     "timm.models.eva.Eva": "vitlens_patch.conversion.eva",
     "timm.models.beit.Beit": "vitlens_patch.conversion.beit",
+    "timm.models.vision_transformer_relpos.VisionTransformerRelPos": "vitlens_patch.conversion.relpos",
 }
 
 
