@@ -25,8 +25,7 @@ def config_from_model(model: nn.Module) -> ViTConfig:
     from timm.layers import Mlp, PatchEmbed, SwiGLU
     from timm.models.beit import Attention, Block
 
-    from vitlens_patch.conversion.eva import eva_mlp_fields
-    from vitlens_patch.conversion.timm import layer_norm_eps, timm_blocks
+    from vitlens_patch.conversion.timm import layer_norm_eps, timm_blocks, timm_mlp_fields
 
     if model.global_pool == "" and model.num_classes:
         raise NotImplementedError("Beit global_pool='' with a classifier is not supported; build it with num_classes=0")
@@ -50,7 +49,7 @@ def config_from_model(model: nn.Module) -> ViTConfig:
     for name, norm in [("mlp.norm", mlp.norm), ("norm", model.norm), ("fc_norm", model.fc_norm)]:
         if not isinstance(norm, nn.Identity) and layer_norm_eps(norm, name) != eps:
             raise NotImplementedError(f"{name}: a LayerNorm eps different from the blocks' is not supported")
-    mlp_fields = eva_mlp_fields(mlp)
+    mlp_fields = timm_mlp_fields(mlp, "blocks.0.mlp")
     if (attn.proj.bias is not None) != mlp_fields["proj_bias"]:
         raise NotImplementedError("attention projection and MLP with different bias settings are not supported")
     table = attn.relative_position_bias_table
@@ -111,9 +110,8 @@ def convert_beit_state_dict(
     Raises:
         ValueError: listing timm keys that were left over or missing.
     """
-    from vitlens_patch.conversion.eva import convert_eva_mlp
     from vitlens_patch.conversion.timm import (
-        StateDictTaker, convert_timm_attention, convert_timm_embeddings, convert_timm_head,
+        StateDictTaker, convert_timm_attention, convert_timm_embeddings, convert_timm_head, convert_timm_mlp,
     )
 
     if cfg.n_relative_positions and rel_pos_index is None:
@@ -137,7 +135,7 @@ def convert_beit_state_dict(
             else:
                 out[f"{dst}.attn.rel_pos.W_rel"] = shared
             out[f"{dst}.attn.rel_pos.index"] = rel_pos_index
-        out |= convert_eva_mlp(keys, cfg, i)
+        out |= convert_timm_mlp(keys, cfg, f"{src}.mlp", f"{dst}.mlp")
         if cfg.layer_scale:
             out[f"{dst}.gamma_attn"] = keys.take(f"{src}.gamma_1")
             out[f"{dst}.gamma_mlp"] = keys.take(f"{src}.gamma_2")

@@ -25,7 +25,7 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     from timm.layers.attention import AttentionRope
     from timm.models.eva import EvaAttention, EvaBlock
 
-    from vitlens_patch.conversion.timm import layer_norm_eps, timm_blocks
+    from vitlens_patch.conversion.timm import layer_norm_eps, timm_blocks, timm_mlp_fields
 
     if model.attn_pool is not None:
         raise NotImplementedError(f"Eva global_pool={model.global_pool!r} (attention pooling) is not supported")
@@ -71,7 +71,7 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
             raise NotImplementedError(f"{name}: a LayerNorm eps different from the blocks' is not supported")
     if model.rope is not None and type(model.rope).__name__ not in ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMixed"):
         raise NotImplementedError(f"rotary embedding {type(model.rope).__name__} is not supported")
-    mlp_fields = eva_mlp_fields(mlp)
+    mlp_fields = timm_mlp_fields(mlp, "blocks.0.mlp")
     if (attn.proj.bias is not None) != mlp_fields["proj_bias"]:
         raise NotImplementedError("attention projection and MLP with different bias settings are not supported")
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
@@ -101,24 +101,6 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
         rotary_per_head=model.rope_mixed,
         attn_norm=attn_norm,
         **mlp_fields,
-    )
-
-
-def eva_mlp_fields(mlp: nn.Module) -> dict:
-    """The ViTConfig fields of an Eva / BEiT MLP (timm ``Mlp``, ``SwiGLU`` or ``GluMlp``): d_mlp,
-    gated_mlp, mlp_norm, activation and proj_bias (its linear layers' bias)."""
-    from timm.layers import GluMlp, Mlp
-
-    from vitlens_patch.conversion.timm import activation_name
-
-    gated = type(mlp) is not Mlp
-    linear = (mlp.fc1 if type(mlp) is GluMlp else mlp.fc1_x) if gated else mlp.fc1
-    return dict(
-        d_mlp=mlp.fc2.in_features,
-        gated_mlp=gated,
-        mlp_norm=not isinstance(mlp.norm, nn.Identity),
-        activation="silu" if type(mlp) is GluMlp else activation_name(mlp.act),
-        proj_bias=linear.bias is not None,
     )
 
 
@@ -158,7 +140,7 @@ def convert_eva_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig, rotary
         ValueError: listing timm keys that were left over or missing.
     """
     from vitlens_patch.conversion.timm import (
-        StateDictTaker, convert_timm_attention, convert_timm_embeddings, convert_timm_head,
+        StateDictTaker, convert_timm_attention, convert_timm_embeddings, convert_timm_head, convert_timm_mlp,
     )
 
     if cfg.rotary != "none" and rotary is None:
@@ -177,37 +159,8 @@ def convert_eva_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig, rotary
         if cfg.rotary != "none":
             sin, cos = rotary[i].chunk(2, dim=-1)
             out[f"{dst}.attn.rotary.sin"], out[f"{dst}.attn.rotary.cos"] = sin, cos
-        out |= convert_eva_mlp(keys, cfg, i)
+        out |= convert_timm_mlp(keys, cfg, f"{src}.mlp", f"{dst}.mlp")
         if cfg.layer_scale:
             out[f"{dst}.gamma_attn"] = keys.take(f"{src}.gamma_1")
             out[f"{dst}.gamma_mlp"] = keys.take(f"{src}.gamma_2")
     return keys.finish(out | convert_timm_head(keys, cfg))
-
-
-def convert_eva_mlp(keys, cfg: ViTConfig, layer: int) -> dict[str, Tensor]:
-    """Block ``layer``'s MLP as Eva and BEiT build it: timm ``Mlp``, ``SwiGLU`` (separate gate and
-    linear branches) or ``GluMlp`` (one packed projection, gate first), with its sub-LN."""
-    src = dst = f"blocks.{layer}"
-    out = {}
-    if f"{src}.mlp.fc1_g.weight" in keys:  # SwiGLU: separate gate and linear branches
-        out[f"{dst}.mlp.W_gate"] = keys.take(f"{src}.mlp.fc1_g.weight").T
-        out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1_x.weight").T
-        biases = [f"{src}.mlp.fc1_g.bias", f"{src}.mlp.fc1_x.bias"]
-    elif cfg.gated_mlp:  # GluMlp: one packed projection, gate first
-        out[f"{dst}.mlp.W_gate"], out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T.chunk(2, dim=-1)
-        biases = [f"{src}.mlp.fc1.bias"]
-    else:
-        out[f"{dst}.mlp.W_in"] = keys.take(f"{src}.mlp.fc1.weight").T
-        biases = [f"{src}.mlp.fc1.bias"]
-    out[f"{dst}.mlp.W_out"] = keys.take(f"{src}.mlp.fc2.weight").T
-    if cfg.proj_bias:
-        if cfg.gated_mlp and len(biases) == 2:
-            out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = keys.take(biases[0]), keys.take(biases[1])
-        elif cfg.gated_mlp:
-            out[f"{dst}.mlp.b_gate"], out[f"{dst}.mlp.b_in"] = keys.take(biases[0]).chunk(2)
-        else:
-            out[f"{dst}.mlp.b_in"] = keys.take(biases[0])
-        out[f"{dst}.mlp.b_out"] = keys.take(f"{src}.mlp.fc2.bias")
-    if cfg.mlp_norm:
-        out |= keys.norm(f"{src}.mlp.norm", f"{dst}.mlp.ln")
-    return out

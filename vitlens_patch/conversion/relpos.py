@@ -154,9 +154,8 @@ def convert_relpos_state_dict(
     Raises:
         ValueError: listing timm keys that were left over or missing.
     """
-    from vitlens_patch.conversion.eva import convert_eva_mlp
     from vitlens_patch.conversion.timm import (
-        StateDictTaker, convert_timm_attention, convert_timm_embeddings, convert_timm_head,
+        StateDictTaker, convert_timm_attention, convert_timm_embeddings, convert_timm_head, convert_timm_mlp,
     )
 
     if cfg.n_relative_positions and (rel_pos_tables is None or len(rel_pos_tables) != cfg.n_layers):
@@ -166,7 +165,7 @@ def convert_relpos_state_dict(
     out = convert_timm_embeddings(keys, cfg)
     for i in range(cfg.n_layers):
         src = dst = f"blocks.{i}"
-        out |= convert_timm_attention(keys, cfg, i) | convert_eva_mlp(keys, cfg, i)
+        out |= convert_timm_attention(keys, cfg, i) | convert_timm_mlp(keys, cfg, f"{src}.mlp", f"{dst}.mlp")
         if cfg.n_relative_positions:
             out[f"{dst}.attn.rel_pos.W_rel"], out[f"{dst}.attn.rel_pos.index"] = rel_pos_tables[i]
         if cfg.layer_scale:
