@@ -8,7 +8,7 @@ import timm
 import torch
 from timm.layers import HybridEmbed, RmsNorm, StdConv2dSame, SwiGLU, SwiGLUPacked
 from timm.models.resnetv2 import ResNetV2
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
 
 from tests.conversion.checks import TOLERANCE, assert_every_hook_is_live, assert_tools_match_references, relative_error
 from vitlens_patch.model import HookedViT
@@ -38,6 +38,18 @@ FAMILIES = {
     "dinov2_giant_swiglu_packed": dict(mlp_layer=SwiGLUPacked, act_layer="silu", init_values=0.5, reg_tokens=2),
     "beit3_scale_attn_and_mlp_norms": dict(scale_attn_norm=True, scale_mlp_norm=True),
     "hybrid_cnn_stem": dict(embed_layer=tiny_hybrid_embed, patch_size=2),
+    "vit_xp_parallel_scaling_qk_norm_rms": dict(
+        block_fn=ParallelScalingBlock, qkv_bias=False, qk_norm=True, norm_layer=RmsNorm, pre_norm=True,
+        no_embed_class=True,
+    ),
+    "vit_pwee_parallel_layer_scale_registers_avg": dict(
+        block_fn=ParallelScalingBlock, init_values=0.5, class_token=False, reg_tokens=1, global_pool="avg",
+        no_embed_class=True, mlp_ratio=5,
+    ),
+    "parallel_fused_out_proj_qkv_bias": dict(block_fn=functools.partial(ParallelScalingBlock, fuse_out_proj=True),
+                                             qkv_bias=True),
+    "res_post_block_rpn": dict(block_fn=ResPostBlock, init_values=0.5, class_token=False, global_pool="avg",
+                               qkv_bias=False),
 }
 
 

@@ -100,7 +100,7 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         NotImplementedError: naming the unsupported model class, layer type or flag.
     """
     from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer
 
     family = family_converter(model)
     if family is not None:
@@ -130,18 +130,16 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     if not isinstance(model.patch_drop, nn.Identity) and model.training:
         raise NotImplementedError("patch_drop_rate > 0 in training mode is not supported; call model.eval()")
 
-    blocks = timm_blocks(model, Block)
-    first = blocks[0]
+    blocks = list(model.blocks)
     block_fields = [timm_block_fields(block, f"blocks.{index}") for index, block in enumerate(blocks)]
     for index, fields in enumerate(block_fields):
         if fields != block_fields[0]:
             raise NotImplementedError(f"blocks.{index}: blocks with different options are not supported")
+    if model.attn_pool is not None and model.attn_pool.num_heads != block_fields[0]["n_heads"]:
+        raise NotImplementedError("attn_pool: heads different from the blocks' are not supported")
 
-    norm, eps = norm_kind(first.norm1, "blocks.0.norm1")
-    norms = [(f"blocks.{i}.{name}", getattr(block, name)) for i, block in enumerate(blocks) for name in ("norm1", "norm2")]
-    norms += [(f"blocks.{i}.attn.{name}", getattr(block.attn, name)) for i, block in enumerate(blocks)
-              for name in ("q_norm", "k_norm", "norm")]
-    norms += [(f"blocks.{i}.mlp.norm", block.mlp.norm) for i, block in enumerate(blocks)]
+    norms = [norm for index, block in enumerate(blocks) for norm in timm_block_norms(block, f"blocks.{index}")]
+    norm, eps = norm_kind(norms[0][1], norms[0][0])
     norms += [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre),
               ("patch_embed.norm", getattr(model.patch_embed, "norm", nn.Identity()))]
     if model.attn_pool is not None:
@@ -217,10 +215,15 @@ def timm_mlp_fields(mlp: nn.Module, where: str) -> dict:
 
 
 def timm_block_fields(block: nn.Module, where: str) -> dict:
-    """ViTConfig fields of one timm ``Block`` (attention, MLP, layer scale), refusing what
-    HookedViT cannot represent."""
+    """ViTConfig fields of one timm block: ``Block``, post-norm ``ResPostBlock`` or
+    ``ParallelScalingBlock``; any other block type raises ``NotImplementedError`` naming it."""
     from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock
 
+    if type(block) is ParallelScalingBlock:
+        return parallel_scaling_block_fields(block, where)
+    if type(block) not in (Block, ResPostBlock):
+        raise NotImplementedError(f"{where}: block type {type(block).__name__} is not supported")
     attn = block.attn
     if type(attn) is not Attention or attn.gate is not None:
         raise NotImplementedError(f"{where}: attention type {type(attn).__name__} is not supported")
@@ -233,8 +236,43 @@ def timm_block_fields(block: nn.Module, where: str) -> dict:
         qkv_bias=attn.qkv.bias is not None,
         qk_norm=not isinstance(attn.q_norm, nn.Identity),
         attn_norm=not isinstance(attn.norm, nn.Identity),
-        layer_scale=not isinstance(block.ls1, nn.Identity),
+        layer_scale=type(block) is Block and not isinstance(block.ls1, nn.Identity),
+        post_norm=type(block) is ResPostBlock,
     )
+
+
+def parallel_scaling_block_fields(block: nn.Module, where: str) -> dict:
+    """ViTConfig fields of a timm ``ParallelScalingBlock`` (one norm, one fused in-projection for
+    the MLP and q / k / v, attention and MLP added together; ViT-22B)."""
+    out_proj = block.out_proj if block.out_proj is not None else block.attn_out_proj
+    if out_proj.bias is None:
+        # the MLP's input bias always exists (in in_proj.bias or mlp_bias); HookedViT ties it to proj_bias
+        raise NotImplementedError(f"{where}: ParallelScalingBlock with proj_bias=False is not supported")
+    return dict(
+        n_heads=block.num_heads,
+        d_head=block.head_dim,
+        d_mlp=block.in_split[0],
+        gated_mlp=False,
+        mlp_norm=False,
+        activation=activation_name(block.mlp_act),
+        proj_bias=True,
+        qkv_bias=block.in_proj.bias is not None,
+        qk_norm=not isinstance(block.q_norm, nn.Identity),
+        attn_norm=False,
+        layer_scale=not isinstance(block.ls, nn.Identity),
+        parallel_attn_mlp=True,
+    )
+
+
+def timm_block_norms(block: nn.Module, where: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every norm layer in a timm block (Identity where absent)."""
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    if type(block) is ParallelScalingBlock:
+        return [(f"{where}.{name}", getattr(block, name)) for name in ("in_norm", "q_norm", "k_norm")]
+    return ([(f"{where}.{name}", getattr(block, name)) for name in ("norm1", "norm2")]
+            + [(f"{where}.attn.{name}", getattr(block.attn, name)) for name in ("q_norm", "k_norm", "norm")]
+            + [(f"{where}.mlp.norm", block.mlp.norm)])
 
 
 def check_attention_pool(pool: nn.Module, model: nn.Module) -> None:
@@ -250,7 +288,7 @@ def check_attention_pool(pool: nn.Module, model: nn.Module) -> None:
         raise NotImplementedError(f"{where}: q_proj=False, qk_norm or out_features=0 is not supported")
     if pool.q.bias is None or pool.kv.bias is None or pool.proj.bias is None:
         raise NotImplementedError(f"{where}: projections without bias are not supported")
-    if pool.num_heads * pool.head_dim != model.embed_dim or pool.num_heads != model.blocks[0].attn.num_heads:
+    if pool.num_heads * pool.head_dim != model.embed_dim:
         raise NotImplementedError(f"{where}: heads different from the blocks' are not supported")
     if type(pool.mlp) is not Mlp or not isinstance(pool.mlp.norm, nn.Identity) or pool.mlp.fc1.bias is None:
         raise NotImplementedError(f"{where}: MLP type {type(pool.mlp).__name__} is not supported")
@@ -379,6 +417,45 @@ def convert_timm_attention_pool(keys: StateDictTaker, cfg: ViTConfig, prefix: st
     return out | keys.norm(f"{prefix}.norm", f"{dst}.ln")
 
 
+def convert_timm_parallel_block(keys: StateDictTaker, cfg: ViTConfig, layer: int) -> dict[str, Tensor]:
+    """A timm ``ParallelScalingBlock``: ``in_proj`` stacks [mlp fc1; q; k; v] (its bias, or the
+    separate ``mlp_bias``), the output projections are separate or fused (``out_proj`` reads
+    [attention; MLP] and its one bias goes to b_O, b_out being zero), one layer scale serves both."""
+    src = dst = f"blocks.{layer}"
+    d_model, d_mlp = cfg.d_model, cfg.d_mlp
+    split = [d_mlp, d_model, d_model, d_model]
+    w_mlp, w_q, w_k, w_v = keys.take(f"{src}.in_proj.weight").split(split, dim=0)
+
+    def per_head(weight: Tensor) -> Tensor:
+        return rearrange(weight, "(head d_head) d_model -> head d_model d_head", head=cfg.n_heads)
+
+    out = keys.norm(f"{src}.in_norm", f"{dst}.ln1")
+    out |= {f"{dst}.attn.W_Q": per_head(w_q), f"{dst}.attn.W_K": per_head(w_k), f"{dst}.attn.W_V": per_head(w_v),
+            f"{dst}.mlp.W_in": w_mlp.T}
+    if cfg.qkv_bias:
+        b_mlp, *qkv_bias = keys.take(f"{src}.in_proj.bias").split(split)
+        for name, bias in zip("QKV", qkv_bias):
+            out[f"{dst}.attn.b_{name}"] = rearrange(bias, "(head d_head) -> head d_head", head=cfg.n_heads)
+    else:
+        b_mlp = keys.take(f"{src}.mlp_bias")
+    out[f"{dst}.mlp.b_in"] = b_mlp
+    if cfg.qk_norm:
+        out |= keys.norm(f"{src}.q_norm", f"{dst}.attn.q_norm") | keys.norm(f"{src}.k_norm", f"{dst}.attn.k_norm")
+    if f"{src}.out_proj.weight" in keys:
+        w_attn_out, w_mlp_out = keys.take(f"{src}.out_proj.weight").split([d_model, d_mlp], dim=1)
+        b_attn_out = keys.take(f"{src}.out_proj.bias")
+        b_mlp_out = torch.zeros_like(b_attn_out)
+    else:
+        w_attn_out, b_attn_out = keys.take(f"{src}.attn_out_proj.weight"), keys.take(f"{src}.attn_out_proj.bias")
+        w_mlp_out, b_mlp_out = keys.take(f"{src}.mlp_out_proj.weight"), keys.take(f"{src}.mlp_out_proj.bias")
+    out[f"{dst}.attn.W_O"] = rearrange(w_attn_out, "d_model (head d_head) -> head d_head d_model", head=cfg.n_heads)
+    out |= {f"{dst}.attn.b_O": b_attn_out, f"{dst}.mlp.W_out": w_mlp_out.T, f"{dst}.mlp.b_out": b_mlp_out}
+    if cfg.layer_scale:
+        gamma = keys.take(f"{src}.ls.gamma")
+        out[f"{dst}.gamma_attn"], out[f"{dst}.gamma_mlp"] = gamma, gamma.clone()
+    return out
+
+
 def convert_timm_mlp(keys: StateDictTaker, cfg: ViTConfig, src: str, dst: str) -> dict[str, Tensor]:
     """A timm ``Mlp``, packed ``GluMlp`` (one fc1, gate half first) or ``SwiGLU`` (fc1_g, fc1_x)
     at ``src`` -> HookedViT's MLP / GatedMLP at ``dst`` (weights transposed to [d_in, d_out])."""
@@ -430,6 +507,9 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> di
     out = convert_timm_embeddings(keys, cfg)
     for i in range(cfg.n_layers):
         src = dst = f"blocks.{i}"
+        if cfg.parallel_attn_mlp:
+            out |= convert_timm_parallel_block(keys, cfg, i)
+            continue
         out |= convert_timm_attention(keys, cfg, i)
         if cfg.attn_norm:
             out |= keys.norm(f"{src}.attn.norm", f"{dst}.attn.ln")

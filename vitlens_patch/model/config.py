@@ -78,6 +78,10 @@ class ViTConfig:
             ``ResPostBlock``, ``EvaBlockPostNorm``): ``resid_mid = resid_pre + ln1(attn(resid_pre))``.
         attn_only_layer_scale: with ``layer_scale``, only the attention branch is scaled (timm's
             ``attn_only_layer_scale``, Sapiens2).
+        parallel_attn_mlp: attention and MLP read the same normed input and both add to the
+            residual stream at once (TransformerLens's name; timm's ``ParallelScalingBlock``, ViT-22B):
+            ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln1(resid_pre))``; there is no
+            ``ln2`` and no ``hook_resid_mid``.
         embed_norm: a norm on the patch embeddings inside the patch embedding (timm's
             ``embed_norm_layer``, AIMv2): ``hook_embed`` is after it.
         stem_channels, stem_stride: a CNN stem (timm's ``HybridEmbed``: R50+ViT and friends)
@@ -123,6 +127,7 @@ class ViTConfig:
     n_relative_positions: int = 0
     post_norm: bool = False
     attn_only_layer_scale: bool = False
+    parallel_attn_mlp: bool = False
     embed_norm: bool = False
     stem_channels: int = 0
     stem_stride: tuple[int, int] = (1, 1)
@@ -168,6 +173,8 @@ class ViTConfig:
             raise ValueError(f"n_relative_positions must be >= 0 (0: no relative position bias), got {self.n_relative_positions}")
         if self.attn_only_layer_scale and not self.layer_scale:
             raise ValueError("attn_only_layer_scale=True needs layer_scale=True")
+        if self.parallel_attn_mlp and self.post_norm:
+            raise ValueError("parallel_attn_mlp=True and post_norm=True cannot be combined")
         if self.stem_channels < 0 or any(s < 1 or p % s for s, p in zip(self.stem_stride, self.patch_size)):
             raise ValueError(
                 f"stem_channels must be >= 0 and stem_stride divide patch_size, got stem_channels="

@@ -21,13 +21,17 @@ class TransformerBlock(nn.Module):
     ``mlp_out = ln2(mlp(resid_mid))``. ``attn_out`` and ``mlp_out`` are what is added to the
     residual stream: with layer scale they include the per-channel scales ``gamma_attn`` /
     ``gamma_mlp`` [d_model] (``gamma_mlp`` is None with ``cfg.attn_only_layer_scale``).
+    Parallel (``cfg.parallel_attn_mlp``, timm's ``ParallelScalingBlock``): ``resid_post =
+    resid_pre + attn_out + mlp_out`` with both branches reading ``ln1(resid_pre)``; ``ln2`` and
+    ``hook_resid_mid`` are None.
     """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.ln1 = make_norm(cfg, cfg.d_model)
         self.attn = Attention(cfg)
-        self.ln2 = make_norm(cfg, cfg.d_model)
+        self.parallel = cfg.parallel_attn_mlp
+        self.ln2 = None if self.parallel else make_norm(cfg, cfg.d_model)
         self.mlp = GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)
         self.gamma_attn = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
         self.gamma_mlp = (
@@ -36,12 +40,18 @@ class TransformerBlock(nn.Module):
         self.post_norm = cfg.post_norm
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
-        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = None if self.parallel else HookPoint()  # [batch, pos, d_model]
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
+        if self.parallel:
+            normed = self.ln1(resid_pre)
+            attn_out, mlp_out = self.attn(normed), self.mlp(normed)
+            if self.gamma_attn is not None:
+                attn_out, mlp_out = attn_out * self.gamma_attn, mlp_out * self.gamma_mlp
+            return self.hook_resid_post(resid_pre + self.hook_attn_out(attn_out) + self.hook_mlp_out(mlp_out))
         if self.post_norm:
             attn_out = self.ln1(self.attn(resid_pre))
         else:
