@@ -1,13 +1,16 @@
-"""Image operations below every model layer: Gaussian blur, patch-grid masks, seeded noise.
+"""Image operations below every model layer: Gaussian blur, patch-grid masks, seeded noise, fills.
 
-They take plain tensors (no model, no normalisation), so corruptions, attribution baselines and
-faithfulness metrics share them without importing each other's layers.
+They take plain tensors (no model; a normalisation only as (mean, std) numbers), so corruptions,
+attribution baselines, CAAP contexts and faithfulness metrics share them without importing each
+other's layers.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 PatchSpec = Sequence[int] | Tensor
+
+# What replaces an image or its patches (occlusion fill, integrated-gradients baseline, CAAP
+# context, deletion / insertion baseline): one vocabulary, see :func:`fill_images`.
+FILLS = ("zeros", "mean", "blur")
+Fill = Union[Literal["zeros", "mean", "blur"], Float[Tensor, "*batch channel height width"]]
+# Old spellings kept for one release, with a DeprecationWarning: old -> current.
+DEPRECATED_FILLS = {"black": "zeros"}
 
 
 def seeded_normal(
@@ -93,3 +103,87 @@ def patch_mask(
     mask = torch.zeros(n_patches, dtype=torch.bool)
     mask[indices] = True
     return rearrange(mask, "(one grid_h grid_w) -> one grid_h grid_w", one=1, grid_w=grid_w)
+
+
+def check_fill(fill: Fill, argument: str = "fill") -> Fill:
+    """``fill`` in its current spelling (a deprecated one warns), or ValueError naming ``argument``.
+
+    Args:
+        fill: "zeros", "mean", "blur" (see :func:`fill_images`), a tensor, or a deprecated
+            spelling of :data:`DEPRECATED_FILLS` ("black" is "zeros").
+        argument: the caller's name for it ("fill", "baseline", "context"), for messages.
+    """
+    if isinstance(fill, Tensor):
+        return fill
+    if isinstance(fill, str) and fill in DEPRECATED_FILLS:
+        warnings.warn(
+            f"{argument}={fill!r} is deprecated and will be removed in the next release: use "
+            f"{argument}={DEPRECATED_FILLS[fill]!r} (the same images)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return DEPRECATED_FILLS[fill]
+    if isinstance(fill, str) and fill in FILLS:
+        return fill
+    raise ValueError(
+        f"{argument} must be one of {FILLS} or a tensor of normalised model input, got {fill!r}"
+    )
+
+
+def fill_images(
+    images: Float[Tensor, "batch channel height width"],
+    fill: Fill,
+    *,
+    normalization: tuple[Sequence[float], Sequence[float]] | None,
+    sigma: float,
+    kernel_size: int | None = None,
+    argument: str = "fill",
+) -> Float[Tensor, "batch channel height width"]:
+    """What replaces ``images`` (whole, or the patches a caller masks) under ``fill``.
+
+    One meaning per word, for every consumer (occlusion ``fill``, integrated-gradients
+    ``baseline``, CAAP ``context``, deletion / insertion ``baseline``):
+
+    - "zeros": black pixels, 0 in every channel (``-mean / std`` after normalisation);
+    - "mean": the normalisation's mean colour (0 after normalisation), the same for every image;
+    - "blur": the image Gaussian-blurred with standard deviation ``sigma`` pixels (see
+      :func:`gaussian_blur`; each consumer documents its ``sigma``). Blurring the normalised
+      input equals normalising the blurred pixels (a per-channel affine map commutes with a
+      kernel summing to 1 over edge-replicated borders);
+    - a tensor: normalised model input broadcastable to ``images``.
+
+    Args:
+        images: normalised model input [batch, channel, height, width].
+        fill: one of :data:`FILLS` or a tensor (deprecated spellings warn, see :func:`check_fill`).
+        normalization: the per-channel (mean, std) the images were normalised with; needed by
+            "zeros" only.
+        sigma, kernel_size: the Gaussian of "blur".
+        argument: the caller's name for ``fill``, for messages.
+
+    Returns:
+        The fill as normalised model input [batch, channel, height, width].
+    """
+    fill = check_fill(fill, argument)
+    if isinstance(fill, Tensor):
+        try:
+            shape = torch.broadcast_shapes(fill.shape, images.shape)
+        except RuntimeError:
+            shape = None
+        if shape != images.shape:
+            raise ValueError(
+                f"{argument} tensor must broadcast to images {tuple(images.shape)} (normalised model "
+                f"input), got shape {tuple(fill.shape)}"
+            )
+        return fill.to(images).expand_as(images)
+    if fill == "mean":
+        return torch.zeros_like(images)
+    if fill == "blur":
+        return gaussian_blur(images, sigma=sigma, kernel_size=kernel_size)
+    if normalization is None:
+        raise ValueError(
+            f"{argument}='zeros' (black pixels) needs the images' normalisation (mean, std): pass "
+            f"data_config= or use a model with a .data_config, or pass a {argument} tensor"
+        )
+    mean, std = (torch.tensor(values, device=images.device, dtype=images.dtype) for values in normalization)
+    black = rearrange(-mean / std, "channel -> 1 channel 1 1")  # pixel 0, normalised
+    return black.expand_as(images).clone()

@@ -97,6 +97,7 @@ def test_upsample_rejects_unknown_modes():
         upsample_maps(torch.zeros(1, 2, 2), (4, 4), "area")
 
 
+@pytest.mark.filterwarnings("ignore:fill 'mean' now means:DeprecationWarning")  # tested in tests/test_images.py
 @pytest.mark.parametrize("fill", ["zeros", "mean", "blur"])
 def test_baseline_is_every_patch_corrupted(fill, tiny_model, tiny_images):
     baseline = make_baseline(tiny_images, tiny_model, fill, sigma=1.5)

@@ -61,6 +61,7 @@ def test_gradcam_rejects_hooks_without_token_activations(tiny_model, tiny_images
         method.attribute(tiny_images)
 
 
+@pytest.mark.filterwarnings("ignore:fill 'mean' now means:DeprecationWarning")  # tested in tests/test_images.py
 @pytest.mark.parametrize("baseline", ["zeros", "mean", "blur"])
 def test_integrated_gradients_are_complete(baseline, tiny_model, tiny_images):
     target = torch.tensor([0, 4, 9])
@@ -82,7 +83,7 @@ def test_integrated_gradients_match_occlusion_on_a_patch_linear_model(tiny_image
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"baseline": "black"}, r"baseline must be one of \('zeros', 'mean', 'blur'\), got 'black'"),
+    ({"baseline": "gray"}, r"baseline must be one of \('zeros', 'mean', 'blur'\) or a tensor of normalised model input, got 'gray'"),
     ({"n_steps": 0}, "n_steps must be a positive int, got 0"),
     ({"method": "simpson"}, r"method must be one of \('gausslegendre', .*\), got 'simpson'"),
 ])

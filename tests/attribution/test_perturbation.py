@@ -7,6 +7,7 @@ from vitlens_patch.attribution import Occlusion, make_baseline
 from vitlens_patch.patching.corruptions import corrupt_patches
 
 
+@pytest.mark.filterwarnings("ignore:fill 'mean' now means:DeprecationWarning")  # tested in tests/test_images.py
 @pytest.mark.parametrize("fill", ["zeros", "mean", "blur"])
 def test_occlusion_is_the_score_drop_of_each_corrupted_patch(fill, tiny_model, tiny_images):
     target = torch.tensor([2, 3, 4])
@@ -47,5 +48,5 @@ def test_occlusion_uses_the_chosen_score(score, tiny_model, tiny_images):
 
 
 def test_occlusion_rejects_unknown_fills(tiny_model):
-    with pytest.raises(ValueError, match=r"fill must be one of \('zeros', 'mean', 'blur'\), got 'noise'"):
+    with pytest.raises(ValueError, match=r"fill must be one of \('zeros', 'mean', 'blur'\) or a tensor of normalised model input, got 'noise'"):
         Occlusion(tiny_model, fill="noise")

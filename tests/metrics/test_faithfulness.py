@@ -99,8 +99,8 @@ def test_perfect_map_beats_inverted_map(white_images):
     kwargs = dict(target=0, n_steps=6, progress=False)
     assert (deletion_auc(model, white_images, perfect, **kwargs)
             < deletion_auc(model, white_images, inverted, **kwargs)).all()
-    assert (insertion_auc(model, white_images, perfect, baseline="black", **kwargs)
-            > insertion_auc(model, white_images, inverted, baseline="black", **kwargs)).all()
+    assert (insertion_auc(model, white_images, perfect, baseline="zeros", **kwargs)
+            > insertion_auc(model, white_images, inverted, baseline="zeros", **kwargs)).all()
 
 
 def test_perfect_map_deletion_curve_is_known(white_images):
@@ -108,7 +108,7 @@ def test_perfect_map_deletion_curve_is_known(white_images):
     perfect = torch.zeros(2, *GRID)
     perfect[:, 1, 1] = 1.0
     curve = perturbation_curve(
-        model, white_images, perfect, 0, mode="deletion", baseline="black", n_steps=6,
+        model, white_images, perfect, 0, mode="deletion", baseline="zeros", n_steps=6,
         progress=False,
     )
     clean = probs_of(model, white_images, 0)
@@ -131,7 +131,7 @@ def test_curve_matches_cells_replaced_by_slicing(images, mode, grid):
                         for _ in range(3)])
     target = torch.tensor([0, 3, 1])
     curve = perturbation_curve(
-        model, images, maps, target, mode=mode, baseline="black", n_steps=n_cells, progress=False,
+        model, images, maps, target, mode=mode, baseline="zeros", n_steps=n_cells, progress=False,
     )
     start, end = (images, baseline) if mode == "deletion" else (baseline, images)
     expected = torch.stack(
@@ -151,7 +151,7 @@ def test_pixel_unit_matches_patch_unit_for_patch_maps(images, patch_maps):
 
 def test_fractions_round_unit_counts(images, patch_maps):
     curve = perturbation_curve(
-        LinearModel(), images, patch_maps, 0, mode="deletion", baseline="black", n_steps=4,
+        LinearModel(), images, patch_maps, 0, mode="deletion", baseline="zeros", n_steps=4,
         progress=False,
     )
     # 6 patches in 4 steps: round(k * 6 / 4) = 0, 2, 3, 5, 6 (halves round up)
@@ -182,7 +182,7 @@ def test_tensor_baseline_broadcasts(images, patch_maps):
 def test_default_baselines_follow_rise(images, patch_maps):
     model = LinearModel()
     kwargs = dict(target=1, n_steps=3, progress=False)
-    for auc, mode, baseline in [(deletion_auc, "deletion", "black"),
+    for auc, mode, baseline in [(deletion_auc, "deletion", "zeros"),
                                 (insertion_auc, "insertion", "blur")]:
         curve = perturbation_curve(
             model, images, patch_maps, mode=mode, baseline=baseline, **kwargs
@@ -211,7 +211,7 @@ def test_plain_callable_takes_data_config(images, patch_maps):
         deletion_auc(model.forward, images, patch_maps, data_config=DATA_CONFIG, **kwargs),
         deletion_auc(model, images, patch_maps, **kwargs),
     )
-    with pytest.raises(ValueError, match="baseline='black' needs .*data_config"):
+    with pytest.raises(ValueError, match=r"baseline='zeros' \(black pixels\) needs the images' normalisation \(mean, std\): pass data_config="):
         deletion_auc(model.forward, images, patch_maps, **kwargs)
 
 
@@ -235,7 +235,7 @@ def test_pixel_maps_are_pooled_to_the_model_patch_grid(tiny_model, tiny_images):
         (dict(images=torch.zeros(3, HEIGHT, WIDTH)), r"images must be a float tensor \[batch, channel"),
         (dict(n_steps=0), "n_steps must be a positive int, got 0"),
         (dict(batch_size=0), "batch_size must be a positive int, got 0"),
-        (dict(baseline="gray"), "baseline must be 'blur', 'black' or a tensor, got 'gray'"),
+        (dict(baseline="gray"), r"baseline must be one of \('zeros', 'mean', 'blur'\) or a tensor of normalised model input, got 'gray'"),
         (dict(baseline=torch.zeros(2, 3, HEIGHT, WIDTH)), r"baseline tensor must broadcast to images \(3, 3, 16, 24\)"),
         (dict(unit="token"), "unit must be 'patch' or 'pixel', got 'token'"),
         (dict(mode="both"), "mode must be 'deletion' or 'insertion', got 'both'"),
@@ -247,7 +247,7 @@ def test_pixel_maps_are_pooled_to_the_model_patch_grid(tiny_model, tiny_images):
 )
 def test_bad_inputs_raise(images, patch_maps, change, message):
     model = LinearModel()
-    arguments = dict(images=images, maps=patch_maps, target=0, mode="deletion", baseline="black",
+    arguments = dict(images=images, maps=patch_maps, target=0, mode="deletion", baseline="zeros",
                      n_steps=4, unit="patch", batch_size=8)
     arguments.update(change)
     if "maps" in change and change["maps"].shape[1:] == (HEIGHT, WIDTH):

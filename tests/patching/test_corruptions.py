@@ -1,3 +1,5 @@
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -107,18 +109,32 @@ def _patch_pixels(x, patch, patch_size=8, grid_w=4):
     return x[..., row * patch_size : (row + 1) * patch_size, col * patch_size : (col + 1) * patch_size]
 
 
-@pytest.mark.parametrize("fill", ["zeros", "mean", "blur"])
+@pytest.mark.parametrize("fill", ["zeros", "mean", "blur", "tensor"])
 def test_patches_fill_only_the_chosen_patches(pixels, images, fill):
-    masked = corrupt_patches(images, DATA_CONFIG, [1, 6], patch_size=8, fill=fill)
+    grey = torch.full((3, 1, 1), 0.25)
+    if fill == "tensor":
+        fill = DATA_CONFIG.normalize(grey.expand(1, 3, 32, 32))
+    # "mean" changed meaning (the image's own mean colour -> the normalisation's): one release's notice
+    notice = pytest.warns(DeprecationWarning, match="fill 'mean' now means the normalisation's mean colour")
+    with notice if isinstance(fill, str) and fill == "mean" else nullcontext():
+        masked = corrupt_patches(images, DATA_CONFIG, [1, 6], patch_size=8, fill=fill)
     masked = DATA_CONFIG.denormalize(masked)
     expected = {
         "zeros": torch.zeros_like(pixels),
-        "mean": pixels.mean(dim=(-2, -1), keepdim=True).expand_as(pixels),
+        "mean": torch.tensor(DATA_CONFIG.mean).view(3, 1, 1).expand_as(pixels),
         "blur": gaussian_blur(pixels, sigma=2.0),
-    }[fill]
+    }.get(fill if isinstance(fill, str) else "tensor", grey.expand_as(pixels))
     for patch in range(16):
         want = _patch_pixels(expected if patch in (1, 6) else pixels, patch)
         assert torch.allclose(_patch_pixels(masked, patch), want, atol=1e-5), patch
+
+
+def test_patches_keep_the_old_mean_fill_as_a_tensor(pixels, images):
+    own_mean = corrupt_patches(images, DATA_CONFIG, [1], patch_size=8, fill=images.mean(dim=(2, 3), keepdim=True))
+    expected = pixels.mean(dim=(-2, -1), keepdim=True).expand_as(pixels)
+    got = DATA_CONFIG.denormalize(own_mean)
+    assert torch.allclose(_patch_pixels(got, 1), _patch_pixels(expected, 1), atol=1e-5)
+    assert torch.equal(_patch_pixels(own_mean, 0), _patch_pixels(images, 0))  # unmasked pixels untouched
 
 
 def test_patches_accept_a_mask_per_image(pixels, images):
@@ -134,7 +150,8 @@ def test_patches_accept_a_mask_per_image(pixels, images):
 @pytest.mark.parametrize(
     "patches, kwargs, message",
     [
-        ([0], {"patch_size": 8, "fill": "noise"}, r"fill must be one of \('zeros', .*got 'noise'"),
+        ([0], {"patch_size": 8, "fill": "noise"},
+         r"fill must be one of \('zeros', 'mean', 'blur'\) or a tensor of normalised model input, got 'noise'"),
         ([0], {"patch_size": 5}, r"patch_size must divide the image size \(32, 32\), got 5"),
         ([99], {"patch_size": 8}, r"patches must be patch indices in \[0, 15\], got \[99\]"),
         (torch.zeros(3, 4, 4, dtype=torch.bool), {"patch_size": 8}, "must hold 2 masks"),
@@ -146,6 +163,7 @@ def test_patches_reject_bad_arguments(images, patches, kwargs, message):
 
 
 # ---------------------------------------------------------------------------- dispatcher
+@pytest.mark.filterwarnings("ignore:fill 'mean' now means:DeprecationWarning")  # tested in tests/test_images.py
 @pytest.mark.parametrize(
     "name, kwargs",
     [("grayscale", {}), ("pixel_noise", {"std": 0.2, "seed": 1}), ("blur", {"sigma": 1.0}),

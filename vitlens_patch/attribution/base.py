@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vitlens_patch.checks import Target, check_positive_int, check_target
+from vitlens_patch.images import Fill
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_patches
 from vitlens_patch.patching.scores import needs_clean_output, resolve_score
@@ -168,17 +169,21 @@ def upsample_maps(
 def make_baseline(
     images: Float[Tensor, "batch channel height width"],
     model: HookedViT,
-    fill: Literal["zeros", "mean", "blur"],
+    fill: Fill,
     sigma: float = 2.0,
 ) -> Float[Tensor, "batch channel height width"]:
     """The images with every patch filled as ``corrupt_patches`` fills them: the reference that
     replaces a patch (occlusion) or starts the path (integrated gradients).
 
     Args:
-        images: normalised model inputs.
+        images: normalised model inputs [batch, channel, height, width].
         model: gives the normalisation and the patch grid.
-        fill: "zeros" (black pixels), "mean" (each image's mean colour) or "blur" (Gaussian blur
-            of standard deviation ``sigma`` pixels).
+        fill: "zeros" (black pixels), "mean" (the normalisation's mean colour), "blur" (Gaussian
+            blur of standard deviation ``sigma`` pixels) or a tensor broadcastable to ``images``;
+            see :func:`~vitlens_patch.images.fill_images`.
+
+    Returns:
+        [batch, channel, height, width] normalised model inputs.
     """
     every_patch = torch.ones(model.cfg.grid_size, dtype=torch.bool)
     return corrupt_patches(

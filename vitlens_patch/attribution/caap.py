@@ -19,12 +19,10 @@ from torch import Tensor
 
 from vitlens_patch.attribution.base import Attributor
 from vitlens_patch.checks import Target, check_positive_int, check_target
+from vitlens_patch.images import Fill, fill_images
 from vitlens_patch.model import HookedViT
-from vitlens_patch.patching.corruptions import corrupt_blur
 from vitlens_patch.patching.attribution_patching import METHODS, restore_cells
 from vitlens_patch.patching.sites import Site
-
-CONTEXTS = ("blur", "zeros", "mean")
 
 
 def default_layers(n_layers: int) -> tuple[int, int]:
@@ -33,28 +31,20 @@ def default_layers(n_layers: int) -> tuple[int, int]:
 
 
 def context_images(
-    model: HookedViT, images: Float[Tensor, "batch channel height width"], context
+    model: HookedViT, images: Float[Tensor, "batch channel height width"], context: Fill
 ) -> Float[Tensor, "batch channel height width"]:
     """The neutral target context for each image, as normalised model input.
 
-    "blur": Gaussian blur in pixel space with sigma = max(height, width) / 8 (strong: a 64-pixel
-    image keeps only its coarse colour layout); "zeros": black pixels; "mean": the normalisation's
-    mean colour (zeros after normalisation); or a tensor broadcastable to ``images``.
+    One fill vocabulary (:func:`~vitlens_patch.images.fill_images`): "blur" (Gaussian blur with
+    sigma = max(height, width) / 8 pixels: strong, a 64-pixel image keeps only its coarse colour
+    layout), "zeros" (black pixels), "mean" (the normalisation's mean colour: model input 0) or a
+    tensor broadcastable to ``images``.
     """
-    if isinstance(context, Tensor):
-        try:
-            return torch.broadcast_to(context.to(images.device, images.dtype), images.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"context tensor must broadcast to images {tuple(images.shape)}, got {tuple(context.shape)}"
-            ) from None
-    if context == "blur":
-        return corrupt_blur(images, model.data_config, sigma=max(model.cfg.img_size) / 8)
-    if context == "zeros":
-        return model.data_config.normalize(torch.zeros_like(images))
-    if context == "mean":
-        return torch.zeros_like(images)
-    raise ValueError(f"context must be one of {CONTEXTS} or an image tensor, got {context!r}")
+    data_config = model.data_config
+    return fill_images(
+        images, context, normalization=(data_config.mean, data_config.std), sigma=max(model.cfg.img_size) / 8,
+        argument="context",
+    )
 
 
 def check_block_range(layers: tuple[int, int] | None, n_layers: int) -> tuple[int, int]:
@@ -114,7 +104,7 @@ def caap(
         images: normalised images [batch, channel, height, width].
         target: class per image (int or [batch]); default the source run's prediction.
         layers: (start, stop) block range.
-        context: "blur" (default), "zeros", "mean" or an image tensor.
+        context: "blur" (default), "zeros", "mean" or a tensor, see :func:`context_images`.
         score: "logit" (default), "prob", "logprob", ("logit_diff", c) or a callable
             (logits, target) -> [batch].
         batch_size: images per engine call (each caches its source and context runs); default

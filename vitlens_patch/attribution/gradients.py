@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from captum.attr import IntegratedGradients as CaptumIntegratedGradients
 from einops import einsum, reduce
@@ -12,8 +10,8 @@ from torch import Tensor
 
 from vitlens_patch.checks import check_positive_int
 from vitlens_patch.attribution.base import Attributor, make_baseline
+from vitlens_patch.images import Fill, check_fill
 from vitlens_patch.model import HookedViT
-from vitlens_patch.patching.corruptions import FILLS
 
 # Captum's path-integral approximations
 INTEGRATION_METHODS = (
@@ -80,8 +78,11 @@ class IntegratedGradients(Attributor):
     Args:
         model, score, upsample, batch_size, progress: see ``Attributor``; ``batch_size`` is both
             the images per chunk and Captum's ``internal_batch_size`` (rows per model call).
-        baseline: the path's start, each patch filled as in ``corrupt_patches``: "zeros" (black
-            pixels), "mean" (the image's mean colour) or "blur" (the Gaussian-blurred image).
+        baseline: the path's start, every patch filled as ``corrupt_patches`` fills it (see
+            :func:`~vitlens_patch.images.fill_images`): "zeros" (black pixels), "mean" (the
+            normalisation's mean colour; until this release each image's own mean colour),
+            "blur" (the image Gaussian-blurred with ``sigma``) or a tensor of normalised model
+            input broadcastable to the images.
         n_steps: interpolation steps of the path integral.
         method: Captum's approximation, one of ``INTEGRATION_METHODS``.
         sigma: blur standard deviation in pixels for ``baseline="blur"``.
@@ -91,19 +92,17 @@ class IntegratedGradients(Attributor):
         self,
         model: HookedViT,
         *,
-        baseline: Literal["zeros", "mean", "blur"] = "zeros",
+        baseline: Fill = "zeros",
         n_steps: int = 32,
         method: str = "gausslegendre",
         sigma: float = 2.0,
         **options,
     ):
         super().__init__(model, **options)
-        if baseline not in FILLS:
-            raise ValueError(f"baseline must be one of {FILLS}, got {baseline!r}")
         if method not in INTEGRATION_METHODS:
             raise ValueError(f"method must be one of {INTEGRATION_METHODS}, got {method!r}")
         check_positive_int(n_steps, "n_steps")
-        self.baseline = baseline
+        self.baseline = check_fill(baseline, "baseline")
         self.n_steps = n_steps
         self.method = method
         self.sigma = sigma
@@ -123,14 +122,14 @@ class IntegratedGradients(Attributor):
     ) -> Float[Tensor, "batch grid_h grid_w"]:
         patch_h, patch_w = self.model.cfg.patch_size
         maps = []
+        baselines = make_baseline(images, self.model, self.baseline, self.sigma)
         for batch in self._batches(len(images)):
             inputs = images[batch]
             batch_target = self._resolve_target(inputs, None if target is None else target[batch])
-            baselines = make_baseline(inputs, self.model, self.baseline, self.sigma)
             with torch.enable_grad():
                 attributions = self._integrated_gradients.attribute(
                     inputs,
-                    baselines=baselines,
+                    baselines=baselines[batch],
                     # Captum repeats extra forward args along with the interpolated inputs.
                     additional_forward_args=(batch_target,),
                     n_steps=self.n_steps,

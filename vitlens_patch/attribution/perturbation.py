@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from einops import rearrange, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from vitlens_patch.attribution.base import Attributor, make_baseline
+from vitlens_patch.images import Fill, check_fill
 from vitlens_patch.model import HookedViT
-from vitlens_patch.patching.corruptions import FILLS
 
 
 class Occlusion(Attributor):
@@ -24,8 +22,11 @@ class Occlusion(Attributor):
 
     Args:
         model, score, upsample, batch_size, progress: see ``Attributor``.
-        fill: what an occluded patch becomes, as in ``corrupt_patches``: "blur" (the Gaussian-blurred
-            image), "zeros" (black pixels) or "mean" (the image's mean colour).
+        fill: what an occluded patch becomes, as in ``corrupt_patches`` (see
+            :func:`~vitlens_patch.images.fill_images`): "blur" (the image Gaussian-blurred with
+            ``sigma``), "zeros" (black pixels), "mean" (the normalisation's mean colour; until this
+            release each image's own mean colour) or a tensor of normalised model input
+            broadcastable to the images.
         sigma: blur standard deviation in pixels for ``fill="blur"``.
     """
 
@@ -33,14 +34,12 @@ class Occlusion(Attributor):
         self,
         model: HookedViT,
         *,
-        fill: Literal["blur", "zeros", "mean"] = "blur",
+        fill: Fill = "blur",
         sigma: float = 2.0,
         **options,
     ):
         super().__init__(model, **options)
-        if fill not in FILLS:
-            raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
-        self.fill = fill
+        self.fill = check_fill(fill, "fill")
         self.sigma = sigma
 
     def _patch_masks(self, device: torch.device) -> Bool[Tensor, "n_patches 1 height width"]:

@@ -24,13 +24,12 @@ from tqdm.auto import tqdm
 
 from vitlens_patch.checks import Target, check_images, check_positive_int, check_target
 from vitlens_patch.metrics.localization import check_maps, check_tiling, resample_maps
-from vitlens_patch.images import gaussian_blur
+from vitlens_patch.images import Fill, fill_images
 
 if TYPE_CHECKING:
     from vitlens_patch.model import HookedViT
     from vitlens_patch.model.preprocess import DataConfig
 
-Baseline = Literal["blur", "black"] | Tensor
 
 # RISE's insertion canvas: an 11-pixel Gaussian kernel with sigma 5.
 _BLUR_KERNEL_SIZE = 11
@@ -94,34 +93,6 @@ def _target_probs(logits: Tensor, target: Int[Tensor, "n"]) -> Float[Tensor, "n"
     return logits.softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
 
 
-def _baseline_images(
-    images: Tensor, baseline: Baseline, data_config: DataConfig | None
-) -> Float[Tensor, "batch channel height width"]:
-    if isinstance(baseline, Tensor):
-        try:
-            shape = torch.broadcast_shapes(baseline.shape, images.shape)
-        except RuntimeError:
-            shape = None
-        if shape != images.shape:
-            raise ValueError(
-                f"baseline tensor must broadcast to images {tuple(images.shape)} (normalised model "
-                f"input), got shape {tuple(baseline.shape)}"
-            )
-        return baseline.to(images).expand_as(images)
-    if baseline == "blur":
-        # Normalisation is a per-channel affine map, and the kernel sums to 1 over edge-replicated
-        # borders, so blurring the model input equals normalising the blurred pixels.
-        return gaussian_blur(images, sigma=_BLUR_SIGMA, kernel_size=_BLUR_KERNEL_SIZE)
-    if baseline == "black":
-        if data_config is None:
-            raise ValueError(
-                "baseline='black' needs the model's normalisation: pass data_config= or use a "
-                "model with a .data_config, or pass a baseline tensor"
-            )
-        return data_config.normalize(torch.zeros_like(images))
-    raise ValueError(f"baseline must be 'blur', 'black' or a tensor, got {baseline!r}")
-
-
 def _unit_maps(
     maps: Tensor, images: Tensor, unit: str, model: Callable[[Tensor], Tensor]
 ) -> Float[Tensor, "batch unit_h unit_w"]:
@@ -152,7 +123,7 @@ def perturbation_curve(
     target: Target = None,
     *,
     mode: Literal["deletion", "insertion"],
-    baseline: Baseline,
+    baseline: Fill,
     n_steps: int = 16,
     unit: Literal["patch", "pixel"] = "patch",
     data_config: DataConfig | None = None,
@@ -177,13 +148,15 @@ def perturbation_curve(
             They are mean-pooled or nearest-upsampled to the units.
         target: class per image (int or ``[batch]``); None uses the model's prediction.
         mode: "deletion" or "insertion".
-        baseline: "blur" (Gaussian blur, kernel 11, sigma 5, as RISE's insertion canvas),
-            "black" (zero pixels, normalised with ``data_config``) or a tensor of normalised
-            inputs broadcastable to ``images``.
+        baseline: the fill vocabulary of :func:`~vitlens_patch.images.fill_images`: "blur"
+            (Gaussian blur, kernel 11, sigma 5, as RISE's insertion canvas), "zeros" (black
+            pixels, normalised with ``data_config``; "black" is its deprecated spelling), "mean"
+            (the normalisation's mean colour, model input 0) or a tensor of normalised inputs
+            broadcastable to ``images``.
         n_steps: number of steps ``K >= 1``; the curve has ``K + 1`` points.
         unit: "patch" (cells of ``model.cfg.grid_size``, or of the map itself for callables
             without ``cfg``) or "pixel".
-        data_config: normalisation for "black"; defaults to ``model.data_config``.
+        data_config: normalisation for "zeros"; defaults to ``model.data_config``.
         batch_size: perturbed images per forward pass.
         progress: show a tqdm progress bar.
 
@@ -198,7 +171,11 @@ def perturbation_curve(
     check_positive_int(batch_size, "batch_size")
     unit_maps = _unit_maps(maps, images, unit, model).to(images.device)
     data_config = data_config if data_config is not None else getattr(model, "data_config", None)
-    reference = _baseline_images(images, baseline, data_config)
+    normalization = None if data_config is None else (data_config.mean, data_config.std)
+    reference = fill_images(
+        images, baseline, normalization=normalization, sigma=_BLUR_SIGMA, kernel_size=_BLUR_KERNEL_SIZE,
+        argument="baseline",
+    )
     start, end = (images, reference) if mode == "deletion" else (reference, images)
     target = _resolve_target(model, images, target, batch_size)
 
@@ -231,7 +208,7 @@ def deletion_auc(
     target: Target = None,
     *,
     n_steps: int = 16,
-    baseline: Baseline = "black",
+    baseline: Fill = "zeros",
     unit: Literal["patch", "pixel"] = "patch",
     data_config: DataConfig | None = None,
     batch_size: int = 64,
@@ -259,7 +236,7 @@ def insertion_auc(
     target: Target = None,
     *,
     n_steps: int = 16,
-    baseline: Baseline = "blur",
+    baseline: Fill = "blur",
     unit: Literal["patch", "pixel"] = "patch",
     data_config: DataConfig | None = None,
     batch_size: int = 64,

@@ -6,9 +6,10 @@ Two kinds:
   ``[batch, channel, height, width] -> [batch, channel, height, width]``. Each one undoes the
   model's normalisation (``DataConfig.denormalize``), corrupts the [0, 1] pixels and normalises
   again, so "grayscale" or "black" mean what they say whatever the model's mean/std:
-  :func:`corrupt_grayscale`, :func:`corrupt_pixel_noise`, :func:`corrupt_blur`,
-  :func:`corrupt_patches`. :func:`corrupt` applies one by name (:data:`CORRUPTIONS`) or a user's
-  own ``images -> images`` callable.
+  :func:`corrupt_grayscale`, :func:`corrupt_pixel_noise`, :func:`corrupt_blur`;
+  :func:`corrupt_patches` takes the fill vocabulary of :func:`~vitlens_patch.images.fill_images`
+  (defined in pixels, computed on the model input). :func:`corrupt` applies one by name
+  (:data:`CORRUPTIONS`) or a user's own ``images -> images`` callable.
 - *embedding noise* in the style of ROME's causal tracing is not a function of the images but a
   forward hook for the corrupted run: :mod:`vitlens_patch.patching.embedding_noise`.
 
@@ -18,22 +19,29 @@ CPU, so results are reproducible across calls and devices.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+
 import torch
 from einops import einsum, repeat
 from jaxtyping import Float
 from torch import Tensor
 
 from vitlens_patch.checks import check_images
-from vitlens_patch.images import PatchSpec, gaussian_blur, patch_mask, seeded_normal
+from vitlens_patch.images import Fill, PatchSpec, fill_images, gaussian_blur, patch_mask, seeded_normal
 from vitlens_patch.model import HookedViT
 from vitlens_patch.model.preprocess import DataConfig
 
 # ITU-R BT.601 luma weights for (R, G, B)
 BT601_LUMA = (0.299, 0.587, 0.114)
-FILLS = ("zeros", "mean", "blur")
 
 ImageBatch = Float[Tensor, "batch channel height width"]
+# One release's notice where "mean" changed meaning (corrupt_patches, Occlusion, IntegratedGradients).
+MEAN_FILL_CHANGED = (
+    "fill 'mean' now means the normalisation's mean colour (model input 0), as for every fill; "
+    "until this release patch fills used each image's own mean colour: for that, pass the "
+    "tensor images.mean(dim=(2, 3), keepdim=True)"
+)
 
 
 def _in_pixel_space(
@@ -107,23 +115,25 @@ def corrupt_patches(
     patches: PatchSpec,
     *,
     patch_size: int | tuple[int, int],
-    fill: str = "zeros",
+    fill: Fill = "zeros",
     sigma: float = 2.0,
 ) -> ImageBatch:
-    """Mask a set of patches in pixel space.
+    """Replace a set of patches by a fill; every other pixel is left as it is.
 
     Args:
         images: normalised model input [batch, channel, height, width].
         patches: which patches, as in :func:`patch_mask` (indices, or a bool mask over the grid,
             shared or per image).
         patch_size: patch height and width in pixels (``model.cfg.patch_size``).
-        fill: what the masked patches become: ``"zeros"`` black pixels, ``"mean"`` the image's own
-            mean colour (per channel over the whole image), ``"blur"`` the Gaussian-blurred image
-            (standard deviation ``sigma`` pixels).
+        fill: what the masked patches become, see :func:`~vitlens_patch.images.fill_images`:
+            "zeros" (black pixels), "mean" (the normalisation's mean colour; until this release
+            it was each image's own mean colour, and passing it warns for one release), "blur"
+            (the image Gaussian-blurred with standard deviation ``sigma`` pixels) or a tensor of
+            normalised model input broadcastable to ``images``.
         sigma: blur width for ``fill="blur"``.
     """
-    if fill not in FILLS:
-        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+    if isinstance(fill, str) and fill == "mean":
+        warnings.warn(MEAN_FILL_CHANGED, DeprecationWarning, stacklevel=2)
     check_images(images, channels=data_config.input_size[0])
     patch_h, patch_w = (patch_size,) * 2 if isinstance(patch_size, int) else tuple(patch_size)
     height, width = images.shape[-2:]
@@ -134,22 +144,13 @@ def corrupt_patches(
         raise ValueError(
             f"a per-image patches mask must hold {len(images)} masks (one per image), got {len(mask)}"
         )
+    filler = fill_images(images, fill, normalization=(data_config.mean, data_config.std), sigma=sigma)
     # patch grid -> pixel mask [mask_batch, 1, height, width]
     pixel_mask = repeat(
         mask, "batch grid_h grid_w -> batch 1 (grid_h patch_h) (grid_w patch_w)",
         patch_h=patch_h, patch_w=patch_w,
     ).to(images.device)
-
-    def fill_patches(pixels: Tensor) -> Tensor:
-        if fill == "zeros":
-            filler = torch.zeros_like(pixels)
-        elif fill == "mean":
-            filler = pixels.mean(dim=(-2, -1), keepdim=True).expand_as(pixels)
-        else:
-            filler = gaussian_blur(pixels, sigma=sigma)
-        return torch.where(pixel_mask, filler, pixels)
-
-    return _in_pixel_space(images, data_config, fill_patches)
+    return torch.where(pixel_mask, filler, images)
 
 
 CORRUPTIONS: dict[str, Callable[..., Tensor]] = {
