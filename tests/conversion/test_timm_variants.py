@@ -8,7 +8,12 @@ import timm
 import torch
 from timm.layers import HybridEmbed, RmsNorm, StdConv2dSame, SwiGLU, SwiGLUPacked
 from timm.models.resnetv2 import ResNetV2
-from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import (
+    DiffParallelScalingBlock,
+    ParallelScalingBlock,
+    ResPostBlock,
+    VisionTransformer,
+)
 
 from tests.conversion.checks import TOLERANCE, assert_every_hook_is_live, assert_tools_match_references, relative_error
 from vitlens_patch.model import HookedViT
@@ -48,6 +53,13 @@ FAMILIES = {
     ),
     "parallel_fused_out_proj_qkv_bias": dict(block_fn=functools.partial(ParallelScalingBlock, fuse_out_proj=True),
                                              qkv_bias=True),
+    "vit_dwee_diff_attention": dict(attn_layer="diff", init_values=0.5, class_token=False, no_embed_class=True,
+                                    reg_tokens=1, global_pool="avg", depth=3),
+    "diff_attention_qk_norm_scale_norm": dict(attn_layer="diff", qk_norm=True, scale_attn_norm=True),
+    "vit_dpwee_diff_parallel_scaling": dict(block_fn=DiffParallelScalingBlock, init_values=0.5, class_token=False,
+                                            no_embed_class=True, reg_tokens=1, global_pool="avg"),
+    "diff_parallel_dual_lambda_qkv_bias": dict(block_fn=functools.partial(DiffParallelScalingBlock, dual_lambda=True),
+                                               qkv_bias=True),
     "res_post_block_rpn": dict(block_fn=ResPostBlock, init_values=0.5, class_token=False, global_pool="avg",
                                qkv_bias=False),
 }
@@ -80,8 +92,10 @@ def test_output_and_every_residual_stream_match_timm(family):
         for handle in handles:
             handle.remove()
         output, cache = hooked.run_with_cache(x, names_filter=lambda name: name.endswith("hook_resid_post"))
+        explicit, _ = hooked.run_with_cache(x)  # every hook cached: patterns and norm scales materialised
     assert output.shape == expected.shape
     assert relative_error(output, expected) <= TOLERANCE
+    assert relative_error(explicit, expected) <= TOLERANCE
     assert len(blocks) == hooked.cfg.n_layers
     for layer, block_out in enumerate(blocks):
         assert relative_error(cache["resid_post", layer], block_out) <= TOLERANCE, layer

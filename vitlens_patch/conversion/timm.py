@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from typing import Any
 
 import torch
@@ -217,16 +218,20 @@ def timm_mlp_fields(mlp: nn.Module, where: str) -> dict:
 def timm_block_fields(block: nn.Module, where: str) -> dict:
     """ViTConfig fields of one timm block: ``Block``, post-norm ``ResPostBlock`` or
     ``ParallelScalingBlock``; any other block type raises ``NotImplementedError`` naming it."""
+    from timm.layers import DiffAttention
     from timm.layers.attention import Attention
-    from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock
+    from timm.models.vision_transformer import Block, DiffParallelScalingBlock, ParallelScalingBlock, ResPostBlock
 
-    if type(block) is ParallelScalingBlock:
+    if type(block) in (ParallelScalingBlock, DiffParallelScalingBlock):
         return parallel_scaling_block_fields(block, where)
     if type(block) not in (Block, ResPostBlock):
         raise NotImplementedError(f"{where}: block type {type(block).__name__} is not supported")
     attn = block.attn
-    if type(attn) is not Attention or attn.gate is not None:
+    diff = type(attn) is DiffAttention
+    if not diff and (type(attn) is not Attention or attn.gate is not None):
         raise NotImplementedError(f"{where}: attention type {type(attn).__name__} is not supported")
+    if diff:
+        check_diff_attention(attn, f"{where}.attn")
     mlp = timm_mlp_fields(block.mlp, f"{where}.mlp")
     if (attn.proj.bias is not None) != mlp["proj_bias"]:
         raise NotImplementedError(f"{where}: an attention projection bias without MLP biases (or back) is not supported")
@@ -238,13 +243,32 @@ def timm_block_fields(block: nn.Module, where: str) -> dict:
         attn_norm=not isinstance(attn.norm, nn.Identity),
         layer_scale=type(block) is Block and not isinstance(block.ls1, nn.Identity),
         post_norm=type(block) is ResPostBlock,
+        diff_attention=diff,
     )
+
+
+def check_diff_attention(attn: nn.Module, where: str) -> None:
+    """Refuse a timm differential attention (``DiffAttention``, ``DiffParallelScalingBlock``) that
+    ``components.DiffAttention`` does not represent: its sub-norm must be timm's RmsNorm, eps 1e-5,
+    and ``lambda_init`` the depth formula's value (which the state-dict conversion recomputes)."""
+    from timm.layers import RmsNorm
+
+    if type(attn.sub_norm) is not RmsNorm or attn.sub_norm.eps != 1e-5:
+        raise NotImplementedError(f"{where}: differential attention sub_norm other than RmsNorm(eps=1e-5) is not supported")
+    depths = [d for d in range(64) if abs(attn.lambda_init - (0.8 - 0.6 * math.exp(-0.3 * d))) < 1e-12]
+    if not depths:
+        raise NotImplementedError(f"{where}: differential attention lambda_init {attn.lambda_init} not from timm's depth formula")
 
 
 def parallel_scaling_block_fields(block: nn.Module, where: str) -> dict:
     """ViTConfig fields of a timm ``ParallelScalingBlock`` (one norm, one fused in-projection for
     the MLP and q / k / v, attention and MLP added together; ViT-22B)."""
-    out_proj = block.out_proj if block.out_proj is not None else block.attn_out_proj
+    from timm.models.vision_transformer import DiffParallelScalingBlock
+
+    diff = type(block) is DiffParallelScalingBlock
+    if diff:
+        check_diff_attention(block, where)
+    out_proj = block.out_proj if getattr(block, "out_proj", None) is not None else block.attn_out_proj
     if out_proj.bias is None:
         # the MLP's input bias always exists (in in_proj.bias or mlp_bias); HookedViT ties it to proj_bias
         raise NotImplementedError(f"{where}: ParallelScalingBlock with proj_bias=False is not supported")
@@ -261,14 +285,15 @@ def parallel_scaling_block_fields(block: nn.Module, where: str) -> dict:
         attn_norm=False,
         layer_scale=not isinstance(block.ls, nn.Identity),
         parallel_attn_mlp=True,
+        diff_attention=diff,
     )
 
 
 def timm_block_norms(block: nn.Module, where: str) -> list[tuple[str, nn.Module]]:
     """(name, module) of every norm layer in a timm block (Identity where absent)."""
-    from timm.models.vision_transformer import ParallelScalingBlock
+    from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 
-    if type(block) is ParallelScalingBlock:
+    if type(block) in (ParallelScalingBlock, DiffParallelScalingBlock):
         return [(f"{where}.{name}", getattr(block, name)) for name in ("in_norm", "q_norm", "k_norm")]
     return ([(f"{where}.{name}", getattr(block, name)) for name in ("norm1", "norm2")]
             + [(f"{where}.attn.{name}", getattr(block.attn, name)) for name in ("q_norm", "k_norm", "norm")]
@@ -366,12 +391,17 @@ def convert_timm_attention(
     d_head]), its bias (``qkv_bias`` [3, d_model] when given, else the fused ``qkv.bias``), qk-norm, W_O."""
     src = dst = f"blocks.{layer}"
     out = keys.norm(f"{src}.norm1", f"{dst}.ln1") | keys.norm(f"{src}.norm2", f"{dst}.ln2")
-    qkv = rearrange(
-        keys.take(f"{src}.attn.qkv.weight"),
-        "(three head d_head) d_model -> three head d_model d_head", three=3, head=cfg.n_heads,
-    )
-    out[f"{dst}.attn.W_Q"], out[f"{dst}.attn.W_K"], out[f"{dst}.attn.W_V"] = qkv
-    if cfg.qkv_bias:
+    if cfg.diff_attention:
+        bias = keys.take(f"{src}.attn.qkv.bias").chunk(3) if cfg.qkv_bias else None
+        out |= split_attention_heads(cfg, f"{dst}.attn", keys.take(f"{src}.attn.qkv.weight").chunk(3), bias)
+        out |= convert_timm_diff_attention_extras(keys, cfg, f"{src}.attn", f"{dst}.attn", layer)
+    else:
+        qkv = rearrange(
+            keys.take(f"{src}.attn.qkv.weight"),
+            "(three head d_head) d_model -> three head d_model d_head", three=3, head=cfg.n_heads,
+        )
+        out[f"{dst}.attn.W_Q"], out[f"{dst}.attn.W_K"], out[f"{dst}.attn.W_V"] = qkv
+    if cfg.qkv_bias and not cfg.diff_attention:
         if qkv_bias is None:
             qkv_bias = rearrange(keys.take(f"{src}.attn.qkv.bias"), "(three d_model) -> three d_model", three=3)
         bias = rearrange(qkv_bias, "three (head d_head) -> three head d_head", head=cfg.n_heads)
@@ -384,6 +414,43 @@ def convert_timm_attention(
     )
     if cfg.proj_bias:
         out[f"{dst}.attn.b_O"] = keys.take(f"{src}.attn.proj.bias")
+    return out
+
+
+def split_attention_heads(
+    cfg: ViTConfig, dst: str, weights: tuple[Tensor, Tensor, Tensor], biases: tuple[Tensor, Tensor, Tensor] | None
+) -> dict[str, Tensor]:
+    """q, k, v Linear weights [d_model, d_model] (and biases) -> W_Q, W_K, W_V [group, d_model,
+    width] at ``dst``: ``head`` groups of ``d_head``, or for differential attention ``2 * head``
+    query / key groups of ``d_head`` and ``head`` value groups of ``2 * d_head``."""
+    groups = (2 * cfg.n_heads,) * 2 + (cfg.n_heads,) if cfg.diff_attention else (cfg.n_heads,) * 3
+    out = {}
+    for name, weight, group in zip("QKV", weights, groups):
+        out[f"{dst}.W_{name}"] = rearrange(weight, "(group width) d_model -> group d_model width", group=group)
+    for name, bias, group in zip("QKV", biases or (), groups):
+        out[f"{dst}.b_{name}"] = rearrange(bias, "(group width) -> group width", group=group)
+    return out
+
+
+def convert_timm_diff_attention_extras(
+    keys: StateDictTaker, cfg: ViTConfig, src: str, dst: str, layer: int
+) -> dict[str, Tensor]:
+    """A timm differential attention's per-head RMSNorm (``sub_norm``), lambda vectors and
+    ``lambda_init``. timm sets ``lambda_init = 0.8 - 0.6 exp(-0.3 depth)`` from the block index (not
+    stored in the state dict); the dual-scalar form (``lambda_a``, ``lambda_b``) becomes vectors
+    with the same dot products: ``lambda_q1 = (a, 0, ...)``, ``lambda_k1 = (1, 0, ...)``."""
+    out = {f"{dst}.sub_ln.w": keys.take(f"{src}.sub_norm.weight")}
+    if f"{src}.lambda_a" in keys:
+        for index, name in ((1, "a"), (2, "b")):
+            scalar = keys.take(f"{src}.lambda_{name}")
+            query, key = (torch.zeros(cfg.d_head, dtype=scalar.dtype, device=scalar.device) for _ in range(2))
+            query[0], key[0] = scalar, 1.0
+            out[f"{dst}.lambda_q{index}"], out[f"{dst}.lambda_k{index}"] = query, key
+    else:
+        out |= {f"{dst}.lambda_{name}": keys.take(f"{src}.lambda_{name}") for name in ("q1", "k1", "q2", "k2")}
+    reference = out[f"{dst}.sub_ln.w"]
+    out[f"{dst}.lambda_init"] = torch.tensor(0.8 - 0.6 * math.exp(-0.3 * layer), dtype=reference.dtype,
+                                             device=reference.device)
     return out
 
 
@@ -424,20 +491,15 @@ def convert_timm_parallel_block(keys: StateDictTaker, cfg: ViTConfig, layer: int
     src = dst = f"blocks.{layer}"
     d_model, d_mlp = cfg.d_model, cfg.d_mlp
     split = [d_mlp, d_model, d_model, d_model]
-    w_mlp, w_q, w_k, w_v = keys.take(f"{src}.in_proj.weight").split(split, dim=0)
-
-    def per_head(weight: Tensor) -> Tensor:
-        return rearrange(weight, "(head d_head) d_model -> head d_model d_head", head=cfg.n_heads)
-
-    out = keys.norm(f"{src}.in_norm", f"{dst}.ln1")
-    out |= {f"{dst}.attn.W_Q": per_head(w_q), f"{dst}.attn.W_K": per_head(w_k), f"{dst}.attn.W_V": per_head(w_v),
-            f"{dst}.mlp.W_in": w_mlp.T}
+    w_mlp, *w_qkv = keys.take(f"{src}.in_proj.weight").split(split, dim=0)
+    out = keys.norm(f"{src}.in_norm", f"{dst}.ln1") | {f"{dst}.mlp.W_in": w_mlp.T}
     if cfg.qkv_bias:
-        b_mlp, *qkv_bias = keys.take(f"{src}.in_proj.bias").split(split)
-        for name, bias in zip("QKV", qkv_bias):
-            out[f"{dst}.attn.b_{name}"] = rearrange(bias, "(head d_head) -> head d_head", head=cfg.n_heads)
+        b_mlp, *b_qkv = keys.take(f"{src}.in_proj.bias").split(split)
     else:
-        b_mlp = keys.take(f"{src}.mlp_bias")
+        b_mlp, b_qkv = keys.take(f"{src}.mlp_bias"), None
+    out |= split_attention_heads(cfg, f"{dst}.attn", w_qkv, b_qkv)
+    if cfg.diff_attention:  # DiffParallelScalingBlock: the lambdas and sub-norm sit on the block
+        out |= convert_timm_diff_attention_extras(keys, cfg, src, f"{dst}.attn", layer)
     out[f"{dst}.mlp.b_in"] = b_mlp
     if cfg.qk_norm:
         out |= keys.norm(f"{src}.q_norm", f"{dst}.attn.q_norm") | keys.norm(f"{src}.k_norm", f"{dst}.attn.k_norm")

@@ -82,6 +82,10 @@ class ViTConfig:
             residual stream at once (TransformerLens's name; timm's ``ParallelScalingBlock``, ViT-22B):
             ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln1(resid_pre))``; there is no
             ``ln2`` and no ``hook_resid_mid``.
+        diff_attention: differential attention (timm's ``DiffAttention``, ``DiffParallelScalingBlock``):
+            each head's pattern is the difference of two softmax maps (see
+            ``components.diff_attention``); ``d_head`` is then the width of each of the ``2 *
+            n_heads`` query / key groups, and values are ``2 * d_head`` wide.
         embed_norm: a norm on the patch embeddings inside the patch embedding (timm's
             ``embed_norm_layer``, AIMv2): ``hook_embed`` is after it.
         stem_channels, stem_stride: a CNN stem (timm's ``HybridEmbed``: R50+ViT and friends)
@@ -128,6 +132,7 @@ class ViTConfig:
     post_norm: bool = False
     attn_only_layer_scale: bool = False
     parallel_attn_mlp: bool = False
+    diff_attention: bool = False
     embed_norm: bool = False
     stem_channels: int = 0
     stem_stride: tuple[int, int] = (1, 1)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from vitlens_patch.model.components.attention import Attention
+from vitlens_patch.model.components.diff_attention import DiffAttention
 from vitlens_patch.model.components.layer_norm import make_norm
 from vitlens_patch.model.components.mlp import MLP, GatedMLP
 from vitlens_patch.model.config import ViTConfig
@@ -29,7 +30,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.ln1 = make_norm(cfg, cfg.d_model)
-        self.attn = Attention(cfg)
+        self.attn = DiffAttention(cfg) if cfg.diff_attention else Attention(cfg)
         self.parallel = cfg.parallel_attn_mlp
         self.ln2 = None if self.parallel else make_norm(cfg, cfg.d_model)
         self.mlp = GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)
