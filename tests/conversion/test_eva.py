@@ -6,6 +6,9 @@ import timm
 import torch
 from timm.models.eva import Eva
 
+from tests.conversion.checks import (
+    assert_every_hook_is_live, assert_timm_parity, assert_tools_match_references, perturb_parameters,
+)
 from tests.conversion.test_timm import assert_parity
 from tests.references import caap_per_patch_reference
 from vitlens_patch.attribution.caap import caap
@@ -31,6 +34,15 @@ FAMILIES = {
         dynamic_img_size=True, global_pool="token",
     ),
     "headless_eva02": dict(use_rot_pos_emb=True, swiglu_mlp=True, scale_mlp=True, num_classes=0),
+    "eva02_separate_qkv_projections": dict(qkv_fused=False, use_rot_pos_emb=True, swiglu_mlp=True, scale_mlp=True),
+    "sapiens2_gqa_rms_norm_attn_only_layer_scale": dict(
+        attn_type="rope", qkv_fused=False, num_heads=4, num_kv_heads=(2, 4), qk_norm=True, use_rot_pos_emb=True,
+        rope_type="dinov3", rope_rotate_half=True, num_reg_tokens=2, use_abs_pos_emb=False, global_pool="token",
+        init_values=0.5, attn_only_layer_scale=True, swiglu_mlp=True, norm_layer=timm.layers.RmsNorm,
+    ),
+    "eva_clip_post_norm_blocks": dict(use_post_norm=True, global_pool="token"),
+    "perception_encoder_map_pool": dict(global_pool="map", attn_type="rope", use_rot_pos_emb=True, use_pre_transformer_norm=True),
+    "headless_map_pool_no_class_token": dict(global_pool="map", class_token=False, num_classes=0),
 }
 
 
@@ -47,6 +59,27 @@ def tiny_eva(**overrides) -> Eva:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_eva_family_parity(family):
     assert_parity(tiny_eva(**FAMILIES[family]), torch.randn(3, 3, 32, 32))
+
+
+@pytest.mark.parametrize("family", [
+    "eva02_separate_qkv_projections", "sapiens2_gqa_rms_norm_attn_only_layer_scale", "eva_clip_post_norm_blocks",
+    "perception_encoder_map_pool",
+])
+def test_every_hook_of_the_new_eva_variants_is_live_and_tools_match_references(family):
+    model = HookedViT.from_timm(tiny_eva(**FAMILIES[family]))
+    assert_every_hook_is_live(model, torch.randn(2, 3, 32, 32))
+    assert_tools_match_references(model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("eva02_base_patch14_224", dict(img_size=56)),
+    ("vit_large_patch16_sapiens2", dict(img_size=(64, 48), embed_dim=64, num_heads=4, num_kv_heads=(4, 2, 2, 4))),
+    ("eva02_enormous_patch14_clip_224", dict(img_size=56, embed_dim=64, num_heads=4)),
+])
+def test_new_eva_registry_models_by_name(name, kwargs):
+    model = timm.create_model(name, pretrained=False, depth=len(kwargs.get("num_kv_heads", (0, 0))), **kwargs).eval()
+    height, width = model.patch_embed.img_size
+    assert_timm_parity(perturb_parameters(model), torch.randn(2, 3, height, width))
 
 
 def test_eva_registry_model_by_name():
@@ -118,11 +151,10 @@ def test_caap_on_eva_equals_per_patch_reference():
 
 
 UNSUPPORTED = [
-    (lambda: tiny_eva(global_pool="map"), "attention pooling"),
-    (lambda: tiny_eva(use_post_norm=True), "post-norm"),
-    (lambda: tiny_eva(norm_layer=timm.layers.RmsNorm), "normalisation RmsNorm"),
-    (lambda: tiny_eva(qkv_fused=False), "qkv_fused=False"),
-    (lambda: tiny_eva(init_values=0.1, attn_only_layer_scale=True), "layer scale on the attention branch only"),
+    (lambda: tiny_eva(global_pool="map", attn_pool_num_heads=1), "attn_pool: heads different"),
+    (lambda: tiny_eva(global_pool="map", swiglu_mlp=True), "pooling MLP of another width or activation"),
+    (lambda: tiny_eva(norm_layer=timm.layers.BatchNormAct2d), "normalisation BatchNormAct2d"),
+    (lambda: tiny_eva(dynamic_img_pad=True), "Eva patch embedding PatchEmbed with these options"),
 ]
 
 

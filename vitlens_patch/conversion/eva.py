@@ -23,14 +23,14 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     """
     from timm.layers import GluMlp, Mlp, PatchEmbed, SwiGLU
     from timm.layers.attention import AttentionRope
-    from timm.models.eva import EvaAttention, EvaBlock
+    from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 
-    from vitlens_patch.conversion.timm import layer_norm_eps, timm_blocks, timm_mlp_fields
+    from vitlens_patch.conversion.timm import activation_name, check_attention_pool, norm_kind, timm_mlp_fields
 
-    if model.attn_pool is not None:
-        raise NotImplementedError(f"Eva global_pool={model.global_pool!r} (attention pooling) is not supported")
-    if model.global_pool not in ("token", "avg", "max", "avgmax", ""):
+    if model.global_pool not in ("token", "avg", "max", "avgmax", "map", ""):
         raise NotImplementedError(f"Eva global_pool={model.global_pool!r} is not supported")
+    if model.attn_pool is not None:
+        check_attention_pool(model.attn_pool, model)
     if model.global_pool == "" and model.num_classes:
         raise NotImplementedError("Eva global_pool='' with a classifier is not supported; build it with num_classes=0")
     if model.patch_drop is not None and model.training:
@@ -38,44 +38,57 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     embed = model.patch_embed
     if type(embed) is not PatchEmbed or embed.dynamic_img_pad or not isinstance(embed.norm, nn.Identity):
         raise NotImplementedError(f"Eva patch embedding {type(embed).__name__} with these options is not supported")
-    blocks = timm_blocks(model, EvaBlock, "Eva block type (post-norm)")
+    blocks = list(model.blocks)
     first = blocks[0]
     for index, block in enumerate(blocks):
         where = f"blocks.{index}"
+        if type(block) not in (EvaBlock, EvaBlockPostNorm) or type(block) is not type(first):
+            raise NotImplementedError(f"{where}: Eva block type {type(block).__name__} is not supported")
         attn = block.attn
         if type(attn) not in (EvaAttention, AttentionRope) or attn.gate is not None:
             raise NotImplementedError(f"{where}: attention type {type(attn).__name__} (or gated attention) is not supported")
-        if getattr(attn, "num_kv_heads", attn.num_heads) != attn.num_heads:
-            raise NotImplementedError(f"{where}: grouped-query attention (num_kv_heads) is not supported")
-        if type(attn) is EvaAttention and attn.qkv is None:
-            raise NotImplementedError(f"{where}: unfused q/k/v projections (qkv_fused=False) are not supported")
         if type(block.mlp) not in (Mlp, GluMlp, SwiGLU):
             raise NotImplementedError(f"{where}: MLP type {type(block.mlp).__name__} is not supported")
         if type(block.mlp) is GluMlp and (block.mlp.gate_last or block.mlp.chunk_dim != -1):
             raise NotImplementedError(f"{where}: GluMlp with gate_last=True is not supported")
-        if (block.gamma_1 is None) != (block.gamma_2 is None):
-            raise NotImplementedError(f"{where}: layer scale on the attention branch only is not supported")
+        if (getattr(block, "gamma_1", None) is None) != (getattr(first, "gamma_1", None) is None) or (
+            getattr(block, "gamma_2", None) is None) != (getattr(first, "gamma_2", None) is None):
+            raise NotImplementedError(f"{where}: blocks with different options are not supported")
+        if getattr(block, "gamma_1", None) is None and getattr(block, "gamma_2", None) is not None:
+            raise NotImplementedError(f"{where}: layer scale on the MLP branch only is not supported")
         if type(block.mlp) is not type(first.mlp) or type(attn) is not type(first.attn):
             raise NotImplementedError(f"{where}: blocks with different options are not supported")
-        for name in ("norm1", "norm2"):
-            layer_norm_eps(getattr(block, name), f"{where}.{name}")
-    eps = layer_norm_eps(first.norm1, "blocks.0.norm1")
+        if (attn.qkv is None) != (first.attn.qkv is None):
+            raise NotImplementedError(f"{where}: blocks with different options are not supported")
     attn, mlp = first.attn, first.mlp
-    qk_norm = not isinstance(attn.q_norm, nn.Identity)
-    attn_norm = not isinstance(attn.norm, nn.Identity)
-    mlp_norm = not isinstance(mlp.norm, nn.Identity)
-    for name, norm in [("q_norm", attn.q_norm if qk_norm else None), ("attn.norm", attn.norm if attn_norm else None),
-                       ("mlp.norm", mlp.norm if mlp_norm else None), ("norm", model.norm), ("fc_norm", model.fc_norm),
-                       ("norm_pre", model.norm_pre)]:
-        if norm is not None and not isinstance(norm, nn.Identity) and layer_norm_eps(norm, name) != eps:
-            raise NotImplementedError(f"{name}: a LayerNorm eps different from the blocks' is not supported")
+    norm, eps = norm_kind(first.norm1, "blocks.0.norm1")
+    norms = [(f"blocks.{i}.{name}", getattr(block, name)) for i, block in enumerate(blocks) for name in ("norm1", "norm2")]
+    norms += [(f"blocks.{i}.attn.{name}", getattr(block.attn, name)) for i, block in enumerate(blocks)
+              for name in ("q_norm", "k_norm", "norm")]
+    norms += [(f"blocks.{i}.mlp.norm", block.mlp.norm) for i, block in enumerate(blocks)]
+    norms += [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre)]
+    if model.attn_pool is not None:
+        norms.append(("attn_pool.norm", model.attn_pool.norm))
+    for name, layer in norms:
+        if not isinstance(layer, nn.Identity) and norm_kind(layer, name) != (norm, eps):
+            raise NotImplementedError(f"{name}: a norm kind or eps different from the blocks' is not supported")
     if model.rope is not None and type(model.rope).__name__ not in ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMixed"):
         raise NotImplementedError(f"rotary embedding {type(model.rope).__name__} is not supported")
     mlp_fields = timm_mlp_fields(mlp, "blocks.0.mlp")
     if (attn.proj.bias is not None) != mlp_fields["proj_bias"]:
         raise NotImplementedError("attention projection and MLP with different bias settings are not supported")
+    if model.attn_pool is not None and (
+        model.attn_pool.mlp.fc1.out_features != mlp_fields["d_mlp"]
+        or activation_name(model.attn_pool.mlp.act) != mlp_fields["activation"]
+    ):
+        raise NotImplementedError("attn_pool: a pooling MLP of another width or activation than the blocks' is not supported")
+    if attn.qkv is not None:
+        qkv_bias = (attn.q_bias is not None) if type(attn) is EvaAttention else (attn.qkv.bias is not None)
+    else:
+        qkv_bias = attn.q_proj.bias is not None
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
     has_norm = not isinstance(model.norm, nn.Identity)
+    gamma_1, gamma_2 = getattr(first, "gamma_1", None), getattr(first, "gamma_2", None)
     return ViTConfig(
         n_layers=len(blocks),
         d_model=model.embed_dim,
@@ -91,15 +104,19 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
         pre_norm=not isinstance(model.norm_pre, nn.Identity),
         final_norm="pooled" if has_fc_norm else ("tokens" if has_norm else "none"),
         pooling=model.global_pool or "none",
-        layer_scale=first.gamma_1 is not None,
-        qkv_bias=(attn.q_bias is not None) if type(attn) is EvaAttention else (attn.qkv.bias is not None),
+        pool_include_prefix=model.attn_pool is not None,  # Eva's attention pooling reads every token
+        layer_scale=gamma_1 is not None,
+        attn_only_layer_scale=gamma_1 is not None and gamma_2 is None,
+        post_norm=type(first) is EvaBlockPostNorm,
+        qkv_bias=qkv_bias,
         patch_embed_bias=embed.proj.bias is not None,
-        qk_norm=qk_norm,
+        qk_norm=not isinstance(attn.q_norm, nn.Identity),
+        norm=norm,
         eps=eps,
         abs_pos_embed=model.pos_embed is not None,
         rotary="none" if model.rope is None else ("half" if attn.rotate_half else "interleaved"),
         rotary_per_head=model.rope_mixed,
-        attn_norm=attn_norm,
+        attn_norm=not isinstance(attn.norm, nn.Identity),
         **mlp_fields,
     )
 
@@ -114,6 +131,37 @@ def rotary_tables(model: nn.Module, cfg: ViTConfig) -> Tensor:
     if cfg.rotary_per_head:  # [layer, head, n_patches, 2 d_head]
         return rearrange(table, "layer head patch d -> layer patch head d")
     return rearrange(table, "patch d -> 1 patch 1 d").expand(cfg.n_layers, -1, -1, -1)
+
+
+def fuse_separate_qkv(state_dict: dict[str, Tensor], cfg: ViTConfig) -> dict[str, Tensor]:
+    """Separate q / k / v projections (``qkv_fused=False``: EVA-02 B/L, Sapiens2) as the fused
+    layout: ``attn.qkv.weight`` [3 * head * d_head, d_model] and biases ``attn.q_bias`` /
+    ``k_bias`` / ``v_bias`` (a missing key bias, EVA's, is zero). Grouped-query attention (fewer
+    key / value heads) is expanded to one key / value per query head, as timm's
+    ``repeat_interleave`` does after the per-head qk-norm and rotation (head h reads key / value
+    head h // (head / kv_head)), so every head's q, k and v are exact. Other keys pass unchanged."""
+    out = dict(state_dict)
+    for i in range(cfg.n_layers):
+        src = f"blocks.{i}.attn"
+        if f"{src}.q_proj.weight" not in out:
+            continue
+        weights, biases = [], []
+        for name in ("q", "k", "v"):
+            weight, bias = out.pop(f"{src}.{name}_proj.weight"), out.pop(f"{src}.{name}_proj.bias", None)
+            groups = cfg.n_heads * cfg.d_head // weight.shape[0]
+            if groups > 1:  # [kv_head * d_head, d_model] -> [head * d_head, d_model]
+                weight = rearrange(weight, "(kv_head d_head) d_model -> kv_head d_head d_model", d_head=cfg.d_head)
+                weight = rearrange(weight.repeat_interleave(groups, dim=0), "head d_head d_model -> (head d_head) d_model")
+                if bias is not None:
+                    bias = rearrange(bias, "(kv_head d_head) -> kv_head d_head", d_head=cfg.d_head)
+                    bias = bias.repeat_interleave(groups, dim=0).flatten()
+            weights.append(weight)
+            biases.append(bias)
+        out[f"{src}.qkv.weight"] = torch.cat(weights)
+        for name, bias in zip("qkv", biases):
+            if bias is not None:
+                out[f"{src}.{name}_bias"] = bias
+    return out
 
 
 def config_from_model(model: nn.Module) -> ViTConfig:
@@ -140,19 +188,25 @@ def convert_eva_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig, rotary
         ValueError: listing timm keys that were left over or missing.
     """
     from vitlens_patch.conversion.timm import (
-        StateDictTaker, convert_timm_attention, convert_timm_embeddings, convert_timm_head, convert_timm_mlp,
+        StateDictTaker, convert_timm_attention, convert_timm_attention_pool, convert_timm_embeddings, convert_timm_head,
+        convert_timm_mlp,
     )
 
     if cfg.rotary != "none" and rotary is None:
         raise ValueError("rotary tables must be given for a model with rotary position embeddings")
-    keys = StateDictTaker(state_dict, "timm Eva", taken={key for key in state_dict if key.startswith("rope.")})
+    keys = StateDictTaker(
+        fuse_separate_qkv(state_dict, cfg), "timm Eva", taken={key for key in state_dict if key.startswith("rope.")}
+    )
     out = convert_timm_embeddings(keys, cfg)
+    if cfg.pooling == "map":
+        out |= convert_timm_attention_pool(keys, cfg)
     for i in range(cfg.n_layers):
         src = dst = f"blocks.{i}"
         qkv_bias = None
         if cfg.qkv_bias and f"{src}.attn.q_bias" in keys:  # EVA: q and v biases, the key bias is zero
             q_bias = keys.take(f"{src}.attn.q_bias")
-            qkv_bias = torch.stack([q_bias, torch.zeros_like(q_bias), keys.take(f"{src}.attn.v_bias")])
+            k_bias = keys.take(f"{src}.attn.k_bias") if f"{src}.attn.k_bias" in keys else torch.zeros_like(q_bias)
+            qkv_bias = torch.stack([q_bias, k_bias, keys.take(f"{src}.attn.v_bias")])
         out |= convert_timm_attention(keys, cfg, i, qkv_bias)
         if cfg.attn_norm:
             out |= keys.norm(f"{src}.attn.norm", f"{dst}.attn.ln")
@@ -162,5 +216,6 @@ def convert_eva_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig, rotary
         out |= convert_timm_mlp(keys, cfg, f"{src}.mlp", f"{dst}.mlp")
         if cfg.layer_scale:
             out[f"{dst}.gamma_attn"] = keys.take(f"{src}.gamma_1")
-            out[f"{dst}.gamma_mlp"] = keys.take(f"{src}.gamma_2")
+            if not cfg.attn_only_layer_scale:
+                out[f"{dst}.gamma_mlp"] = keys.take(f"{src}.gamma_2")
     return keys.finish(out | convert_timm_head(keys, cfg))
