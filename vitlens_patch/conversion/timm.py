@@ -84,6 +84,7 @@ FAMILY_CONVERTERS = {
     "timm.models.eva.Eva": "vitlens_patch.conversion.eva",
     "timm.models.beit.Beit": "vitlens_patch.conversion.beit",
     "timm.models.vision_transformer_relpos.VisionTransformerRelPos": "vitlens_patch.conversion.relpos",
+    "timm.models.naflexvit.NaFlexVit": "vitlens_patch.conversion.naflexvit",
 }
 
 
