@@ -77,6 +77,10 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     mlp_fields = timm_mlp_fields(mlp, "blocks.0.mlp")
     if (attn.proj.bias is not None) != mlp_fields["proj_bias"]:
         raise NotImplementedError("attention projection and MLP with different bias settings are not supported")
+    if model.attn_pool is not None and model.attn_pool.num_heads != attn.num_heads:
+        raise NotImplementedError(
+            f"attn_pool: heads different from the blocks' ({model.attn_pool.num_heads} vs {attn.num_heads}) are not supported"
+        )
     if model.attn_pool is not None and (
         model.attn_pool.mlp.fc1.out_features != mlp_fields["d_mlp"]
         or activation_name(model.attn_pool.mlp.act) != mlp_fields["activation"]
