@@ -97,7 +97,7 @@ def test_zeros_needs_the_normalisation(pixels):
         fill_images(normalize(pixels), "zeros", normalization=None, sigma=1.0)
 
 
-@pytest.mark.parametrize("fill", ["grey", None, 3])
+@pytest.mark.parametrize("fill", ["grey", "Mean", "image_mean"])
 def test_an_unknown_fill_names_the_argument_and_the_words(fill):
     with pytest.raises(ValueError, match="context " + BAD_FILL + repr(fill)):
         check_fill(fill, "context")

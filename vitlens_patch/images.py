@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,9 @@ PatchSpec = Sequence[int] | Tensor
 # What replaces an image or its patches (occlusion fill, integrated-gradients baseline, CAAP
 # context, deletion / insertion baseline): one vocabulary, see :func:`fill_images`.
 FILLS = ("zeros", "mean", "blur")
-Fill = Union[Literal["zeros", "mean", "blur"], Float[Tensor, "*batch channel height width"]]
+# A word of FILLS (or a deprecated spelling: checked by check_fill, so the type says str), or a
+# tensor of normalised model input of any shape broadcastable to the images.
+Fill = Union[str, Float[Tensor, "..."]]
 # Old spellings kept for one release, with a DeprecationWarning: old -> current.
 DEPRECATED_FILLS = {"black": "zeros"}
 

@@ -64,7 +64,7 @@ def test_caap_on_cuda_uses_the_cuda_memory_budget_not_batch_size(model, images, 
     """Issue 10 criterion 2: CAAP(model) leaves the rows per pass to the engine's budget for the
     model's device type; here the engine is told the model is on CUDA (no GPU needed)."""
     cuda_rows = rows_per_pass_within(model, device_type="cuda")
-    assert cuda_rows == rows_per_pass_within(model, 4096) > rows_per_pass_within(model, device_type="cpu")
+    assert cuda_rows == rows_per_pass_within(model, 4096.0) > rows_per_pass_within(model, device_type="cpu")
     chosen = []
 
     def as_on_cuda(model, memory_budget_mb=None, rows_per_pass=None, *, device_type=None):
@@ -120,7 +120,6 @@ def test_prob_score_and_explicit_target(model, images):
         (dict(upsample="nearest"), "upsample must be False"),
         (dict(rows_per_pass=0), r"rows_per_pass must be a positive int or None, got 0"),
         (dict(batch_size=0), r"batch_size must be a positive int or None, got 0"),
-        (dict(target=torch.tensor([1, 2])), r"target must be None, an int or an integer tensor of shape \[batch\] = \[3\]"),
         (dict(target=11), r"target must hold class indices in \[0, 9\], got \[11\]"),
     ],
 )
