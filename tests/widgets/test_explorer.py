@@ -53,7 +53,7 @@ def test_views_equal_direct_calls(widget, tiny_model, tiny_images, corruption):
 
     clean = tiny_images[2:3]
     corrupted = direct_corruption(tiny_model, clean, corruption, tiny_images)
-    options = dict(kind="mlp", window=1, metric="logit", target=4, progress=False)
+    options = dict(kind="mlp", window=1, score="logit", target=4, progress=False)
     layers = trace_layers(tiny_model, clean, corrupted, **options)
     grid = trace_grid(tiny_model, clean, corrupted, **options)
     caap_map = caap(tiny_model, clean, target=4, layers=(1, 2), score="logit", progress=False)[0]
@@ -84,7 +84,7 @@ def test_default_target_is_the_prediction_and_estimates_are_attribution_calls(ti
     assert session.target(settings) == predicted
     corrupted = corrupt_grayscale(tiny_images[1:2], tiny_model.data_config)
     estimate = session.compute(Stage("grid_estimate", settings.trace_key))
-    direct = trace_grid(tiny_model, tiny_images[1:2], corrupted, kind="attn", window=settings.window, metric="prob",
+    direct = trace_grid(tiny_model, tiny_images[1:2], corrupted, kind="attn", window=settings.window, score="prob",
                         target=predicted, method="attribution", progress=False)
     torch.testing.assert_close(estimate.effects, direct.effects)
     caap_estimate = session.compute(Stage("caap_estimate", settings.caap_key))

@@ -327,7 +327,7 @@ class ExplorerSession:
     def _trace_inputs(self, settings: ExplorerSettings) -> tuple[Tensor, object, dict]:
         clean = self.images[settings.image : settings.image + 1]
         corrupted = explorer_corruption(self.model, clean, settings.corruption, reference=self.images)
-        options = dict(kind=settings.kind, window=settings.window, metric=settings.score,
+        options = dict(kind=settings.kind, window=settings.window, score=settings.score,
                        target=self.target(settings), progress=False)
         return clean, corrupted, options
 
