@@ -29,6 +29,37 @@ def test_every_command_has_help(command, capsys):
     code, out, _ = run_cli([*command, "--help"], capsys)
     assert code == 0
     assert out.startswith(f"usage: vitlens-patch {' '.join(command)}".rstrip())
+    assert "%%" not in out
+
+
+def test_help_says_95_percent_once(capsys):
+    _, out, _ = run_cli(["evaluate", "--help"], capsys)
+    assert "means with 95% CIs" in " ".join(out.split())
+
+
+def test_resuming_into_another_study_is_refused_in_one_line(tmp_path, capsys):
+    out = str(tmp_path / "gray.parquet")
+    argv = [*SAMPLE_STUDY, "--n", "10", "--out", out]
+    code, _, err = run_cli([*argv, "--window", "3"], capsys)
+    assert code == 0
+    # the same command again resumes: the bar shows the stored images as done / total
+    code, _, err = run_cli([*argv, "--window", "3"], capsys)
+    assert code == 0
+    bar = err.strip().split("\r")[-1]
+    assert bar.startswith("grayscale study (attn, window 3): 100%") and "10/10" in bar
+    code, stdout, err = run_cli([*argv, "--window", "1", "--no-progress"], capsys)
+    assert code == 2 and stdout == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(
+        f"vitlens-patch study grayscale: error: out '{out}.parts' holds another study (differing: "
+        "window: 3 -> 1); use a new out directory for a new study"
+    )
+    evaluation = ["evaluate", "--n", "10", "--methods", "random", "--out", str(tmp_path / "evaluation"),
+                  "--report", str(tmp_path / "evaluation.html"), "--no-progress"]
+    assert run_cli([*evaluation, "--metrics", "aupr"], capsys)[0] == 0
+    code, _, err = run_cli([*evaluation, "--metrics", "pointing_game"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("vitlens-patch evaluate: error: out ") and "holds another study" in err
 
 
 @pytest.mark.parametrize(

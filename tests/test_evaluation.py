@@ -183,10 +183,11 @@ def test_an_out_directory_resumes_and_refuses_other_settings(model, data, tmp_pa
     )
     assert seen == []
     pd.testing.assert_frame_equal(again.scores, first.scores)
-    other_settings = r"holds a study with other settings \(differing: \['metric_options', 'metrics'\]\)"
+    other_settings = r'holds another study \(differing: metric_options.aupr: .*; metrics: \["aupr"\] -> \["pointing_game"\]'
+
     with pytest.raises(ValueError, match=other_settings):
         evaluate([CountingRollout(model, seen)], model, data, ["pointing_game"], out=tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"other settings \(differing: \['data_sha256'\]\)"):
+    with pytest.raises(ValueError, match=r"another study \(differing: data_sha256 \(other data\)\)"):
         evaluate([CountingRollout(model, seen)], model, data.subset([1, 0, 2, 3, 4, 5]), ["aupr"],
                  out=tmp_path, progress=False)
 
@@ -334,3 +335,12 @@ def test_evaluation_set_rejects_bad_inputs(model, source, data):
     large = LabelledImages(torch.zeros(3, 3, 32, 32, dtype=torch.uint8), torch.arange(3), ("a", "b", "c"))
     with pytest.raises(ValueError, match=r"source images \(\(32, 32\)\) must be smaller than the model's square input"):
         EvaluationSet.from_cifar10(model, large, 3)
+
+
+def test_reprs_are_the_summary_table(result):
+    text = repr(result)
+    assert text.startswith("EvaluationResult(3 methods x 5 metrics on 6 images)\n| method | deletion ↓")
+    assert text.endswith(result.interval_note()) and "tensor(" not in text
+    page = result._repr_html_()
+    assert page.startswith("<b>EvaluationResult</b>: 3 methods x 5 metrics on 6 images<table")
+    assert "pointing_game ↑" in page and "Wilson" in page

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from vitlens_patch.data.folder import load_image_folder, select_per_class
 from vitlens_patch.demo import DEMO_REPORT, run_demo
@@ -29,6 +30,13 @@ from vitlens_patch.report import Section, build_report, grayscale_study_section
 
 STUDY_KINDS = ("attn", "mlp")
 METHODS = ("caap", "rollout", "chefer", "gradcam", "integrated_gradients", "occlusion", "random")
+
+
+def _refuse(parser: argparse.ArgumentParser, error: Exception) -> NoReturn:
+    """One line on stderr, ``<prog>: error: <message>``, and exit status 2 (as argparse's errors,
+    without the usage: the arguments parsed, the run itself refused)."""
+    print(f"{parser.prog}: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # ---------------------------------------------------------------------------------------- study
@@ -84,10 +92,13 @@ def run_grayscale_study_command(args: argparse.Namespace, parser: argparse.Argum
     paths = _window_paths(out, windows)
     results = []
     for window, path in zip(windows, paths):
-        results.append(grayscale_study(
-            model, data, kind=args.kind, window=window, indices=indices, batch_size=args.batch_size,
-            out=Path(f"{path}.parts"), progress=not args.no_progress,
-        ))
+        try:
+            results.append(grayscale_study(
+                model, data, kind=args.kind, window=window, indices=indices, batch_size=args.batch_size,
+                out=Path(f"{path}.parts"), progress=not args.no_progress,
+            ))
+        except ValueError as error:  # e.g. --out holds another study: refuse to mix them
+            _refuse(parser, error)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun every rank holds the results; rank 0 writes them
     for result, path in zip(results, paths):
@@ -106,25 +117,29 @@ def run_evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentPars
         model = _load_model(args)
         source = sample_images() if args.data is None else load_image_folder(args.data)
         data = EvaluationSet.from_cifar10(model, source, n=args.n, seed=args.seed)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    try:
         result = evaluate(
             args.methods, model, data, args.metrics, target=args.target, batch_size=args.batch_size,
             out=args.out, progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+    except ValueError as error:  # a bad --methods / --metrics, or --out holding another study
+        _refuse(parser, error)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if args.result:
         result.save(args.result)
     shown = list(range(0, len(data), max(1, len(data) // 8)))[:8]
+    canvas = not result.maps  # only localization metrics: the maps are of the canvas images
     section = Section(
         title=f"CAAP and baselines on {len(data)} images of {args.data or 'the embedded sample'}",
         text=result.interval_note(),
         tables=[result.summary_table()],
         figures=[
             plot_method_comparison(result.table()),
-            plot_attribution_grid(data.pixels(shown), result.select_maps(shown), labels=data.labels[shown],
-                                  class_names=model.class_names),
+            plot_attribution_grid(data.pixels(shown, canvas=canvas), result.select_maps(shown, canvas=canvas),
+                                  labels=data.labels[shown], class_names=model.class_names),
         ],
     )
     report = Path(args.report)
@@ -167,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "grayscale", help="which layers carry colour: colour = clean, grayscale = corrupted",
         description="Restore clean (colour) sub-layer outputs over a window of layers into grayscale "
         "runs; score = probability of the true class. Writes per-image results (Parquet) and an "
-        "HTML report, prints per-layer means with 95%% CIs and the colour / grayscale accuracy. "
+        "HTML report, prints per-layer means with 95% CIs and the colour / grayscale accuracy. "
         "Resumable: run the same command again. Shard with torchrun --nproc_per_node=N -m "
         "vitlens_patch.cli study grayscale ...",
     )
@@ -201,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="compare CAAP with the baselines on faithfulness and localization metrics",
         description="Attribution maps of every method on the same images, scored by deletion / "
         "insertion / token-deletion AUC (full-frame images) and localization AUPR / pointing game "
-        "(images pasted on a noise canvas, known object box). Prints a table of means with 95%% "
-        "CIs and writes an HTML report. Resumable with --out; shard with torchrun.",
+        "(images pasted on a noise canvas, known object box). Prints a table of means with 95% "
+        "CIs (Wilson intervals for the pointing game's hit rate) and writes an HTML report. Resumable with --out; shard with torchrun.",
     )
     evaluation.add_argument("--data", default=None,
                             help="CIFAR-10-style images (<class>/<image> folders or a .tar.gz, e.g. "

@@ -169,3 +169,27 @@ def test_coord_defaults_to_a_range():
     assert result.coord("position") == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="dim must be one of"):
         result.coord("head")
+
+
+def test_repr_is_short_with_shape_settings_and_summary():
+    result = make_result(n_images=40, n_layers=12, n_positions=5, settings={
+        "kind": "grid", "window": 1, "score": "prob", "positions": list(range(200)), "dtype": None,
+    })
+    text = repr(result)
+    assert len(text) < 400 and text.count("\n") == 1 and "tensor(" not in text
+    assert text.startswith("TraceResult(40 images x 12 layers x 5 positions; kind='grid', window=1, score='prob', "
+                           "positions=[200 values])")
+    mean = result.effects.mean(0)
+    layer, position = divmod(int(mean.argmax()), 5)
+    assert f"max {mean.max().item():.4g} at layer {layer}, position {position}" in text
+    one = make_result(n_images=1, n_positions=1)
+    assert repr(one).startswith("TraceResult(1 image x 3 layers x 1 position;")
+
+
+def test_html_repr_of_a_layer_curve_is_a_table_of_means():
+    result = make_result(n_images=6, n_positions=1)
+    layers = TraceResult(result.effects[:, :, 0], ("image", "layer"), result.clean_score, result.corrupted_score)
+    page = layers._repr_html_()
+    assert page.startswith("<b>TraceResult</b>: 6 images x 3 layers") and page.count("<table") == 1
+    assert f"{layers.mean().mean[1].item():.4g}" in page and "tensor(" not in page
+    assert "<table" not in result._repr_html_()  # two axes: the summary only

@@ -106,7 +106,7 @@ def test_study_directory_resumes_and_guards_its_settings(model, data, result, tm
     assert first.indices == [0, 1, 2] and extended.indices == list(range(N_IMAGES))
     torch.testing.assert_close(extended.trace.effects, result.trace.effects)
     assert len(list(tmp_path.glob("rank0-part*.parquet"))) == 4  # 2 + 2 batches, none repeated
-    with pytest.raises(ValueError, match=r"holds a study with other settings \(differing: \['window'\]\); use a new out directory"):
+    with pytest.raises(ValueError, match=r"holds another study \(differing: window: 3 -> 1\); use a new out directory"):
         grayscale_study(model, data, window=1, out=tmp_path, progress=False)
 
 
@@ -152,3 +152,16 @@ def test_unknown_class_is_rejected(result):
         result.for_class(1)
     with pytest.raises(ValueError, match="label must be one of the class names"):
         result.for_class("zebra")
+
+
+def test_reprs_are_short_summaries(result):
+    text = repr(result)
+    means = result.layer_means()
+    best = means["mean"].idxmax()
+    assert text == (
+        f"GrayscaleStudyResult({N_IMAGES} images, attn window 3, {N_LAYERS} layers; accuracy colour "
+        f"{result.colour_accuracy:.1%}, grayscale {result.grayscale_accuracy:.1%}; largest mean effect "
+        f"{means.at[best, 'mean']:.4g} at layer {best})"
+    )
+    page = result._repr_html_()
+    assert page.count("<table") == 2 and "Wilson" in page and "tensor(" not in page

@@ -254,12 +254,12 @@ def test_resuming_with_another_model_or_settings_is_refused(tmp_path):
     dataset = study.make_dataset()
     run(dataset, tmp_path, indices=[0, 1], settings={"window": (3,)})
     run(dataset, tmp_path, indices=[0, 1, 2], settings={"window": [3]})  # same once read from JSON
-    with pytest.raises(ValueError, match=r"other settings \(differing: \['window'\]\); use a new out"):
+    with pytest.raises(ValueError, match=r"another study \(differing: window: \[3\] -> \[1\]\); use a new out"):
         run(dataset, tmp_path, settings={"window": [1]})
     other_model = study.make_model()
     with torch.no_grad():
         next(other_model.parameters()).view(-1)[0] += 1
-    with pytest.raises(ValueError, match=r"differing: \['model_sha256'\]"):
+    with pytest.raises(ValueError, match=r"differing: model_sha256 \(another model or other weights\)\)"):
         run_study(other_model, dataset, study.measure, tmp_path, settings={"window": [3]}, progress=False)
 
 

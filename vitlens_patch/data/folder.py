@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import tarfile
 from collections.abc import Sequence
@@ -35,6 +36,33 @@ class LabelledImages:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def class_counts(self) -> dict[str, int]:
+        """Images per class, in class order (classes without images included, with 0)."""
+        counts = torch.bincount(self.labels.cpu(), minlength=len(self.class_names)).tolist()
+        return dict(zip(self.class_names, counts))
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.images.shape[1:]))
+        counts = self.class_counts()
+        shown = ", ".join(f"{name} {count}" for name, count in list(counts.items())[:10])
+        more = f", ... ({len(counts) - 10} more)" if len(counts) > 10 else ""
+        return (
+            f"LabelledImages({len(self)} images {shape} {str(self.images.dtype).removeprefix('torch.')}, "
+            f"{len(self.class_names)} classes: {shown}{more})"
+        )
+
+    def _repr_html_(self) -> str:
+        shape = "x".join(map(str, self.images.shape[1:]))
+        rows = "".join(
+            f"<tr><td>{i}</td><td>{html.escape(name)}</td><td>{count}</td></tr>"
+            for i, (name, count) in enumerate(self.class_counts().items())
+        )
+        return (
+            f"<b>LabelledImages</b>: {len(self)} images, {shape} "
+            f"{str(self.images.dtype).removeprefix('torch.')}<table><thead><tr><th>label</th><th>class</th>"
+            f"<th>images</th></tr></thead><tbody>{rows}</tbody></table>"
+        )
 
     def subset(self, indices: Tensor | list[int]) -> "LabelledImages":
         indices = torch.as_tensor(indices, dtype=torch.long)

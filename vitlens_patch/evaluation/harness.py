@@ -140,6 +140,7 @@ def evaluate(
             model, TensorDataset(dataset.images, dataset.labels), measure, directory,
             batch_size=batch_size, with_indices=True,
             settings={**settings, "data_sha256": _data_fingerprint(dataset)}, progress=progress,
+            description=f"evaluation ({len(attributors)} methods, {len(metrics)} metrics)",
         )
     return _to_result(frame, list(attributors), metrics, kinds, settings)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from collections.abc import Sequence
@@ -49,6 +50,22 @@ class EvaluationResult:
         missing = {"method", "metric", "image", "value"} - set(self.scores.columns)
         if missing:
             raise ValueError(f"scores must have columns method, metric, image, value; missing {sorted(missing)}")
+
+    def __repr__(self) -> str:
+        n_images = self.scores["image"].nunique()
+        return (
+            f"EvaluationResult({len(self.methods)} methods x {len(self.metrics)} metrics on {n_images} images)\n"
+            + self.to_markdown()
+        )
+
+    def _repr_html_(self) -> str:
+        n_images = self.scores["image"].nunique()
+        return (
+            f"<b>EvaluationResult</b>: {len(self.methods)} methods x {len(self.metrics)} metrics on "
+            f"{n_images} images"
+            + self.summary_table().to_html(index=False, border=0)
+            + f"<small>{html.escape(self.interval_note())}</small>"
+        )
 
     @property
     def methods(self) -> list[str]:

@@ -8,6 +8,7 @@ one file).
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,19 @@ def _labels(labels: list) -> np.ndarray:
     for i, label in enumerate(labels):
         array[i] = tuple(label) if isinstance(label, list) else label
     return array
+
+
+def short_settings(settings: dict, limit: int = 40) -> dict[str, str]:
+    """Settings for a repr: each value as short text (long lists say their length)."""
+    shown = {}
+    for key, value in settings.items():
+        if value is None:
+            continue
+        text = repr(value)
+        if isinstance(value, (list, tuple)) and len(text) > limit:
+            text = f"[{len(value)} values]"
+        shown[key] = text if len(text) <= limit else text[: limit - 3] + "..."
+    return shown
 
 
 def read_saved_metadata(text: str | bytes | None, path: str | Path, written_by: str, version: int) -> dict:
@@ -139,6 +153,51 @@ class TraceResult:
     @property
     def n_images(self) -> int:
         return self.effects.shape[0]
+
+    def _summary(self) -> tuple[str, str, str]:
+        """(shape, settings, summary) lines for the reprs."""
+        shape = " x ".join(
+            f"{size} {dim}{'' if size == 1 else 's'}" for dim, size in zip(self.dims, self.effects.shape)
+        )
+        settings = ", ".join(f"{key}={value}" for key, value in short_settings(self.settings).items())
+        effects = self.effects.detach().cpu().double()
+        valid = ~effects.isnan()
+        if not valid.any():
+            return shape, settings, "no effects (all NaN)"
+        mean = effects.nan_to_num().sum(0) / valid.sum(0)
+        flat = mean.nan_to_num(nan=-torch.inf).argmax().item()
+        cell = np.unravel_index(flat, tuple(mean.shape))
+        where = ", ".join(f"{dim} {self.coord(dim)[i]}" for dim, i in zip(self.dims[1:], cell))
+        scores = (
+            f"clean score {self.clean_score.double().mean().item():.4g}, corrupted "
+            f"{self.corrupted_score.double().mean().item():.4g} (means)"
+        )
+        exact = "" if bool(self.exact.all()) else f"; {int((~self.exact).sum())} estimated effects"
+        summary = (
+            f"mean effect over images: max {mean.view(-1)[flat].item():.4g} at {where}, min "
+            f"{mean.nan_to_num(nan=torch.inf).min().item():.4g}; {scores}{exact}"
+        )
+        return shape, settings, summary
+
+    def __repr__(self) -> str:
+        shape, settings, summary = self._summary()
+        return f"TraceResult({shape}; {settings})\n  {summary}"
+
+    def _repr_html_(self) -> str:
+        shape, settings, summary = self._summary()
+        parts = [f"<b>TraceResult</b>: {html.escape(shape)}<br>{html.escape(settings)}<br>{html.escape(summary)}"]
+        if self.effects.ndim == 2 and self.effects.shape[1] <= 64:
+            # one axis: the mean and its interval per label, as a short table
+            summary_mean = self.mean()
+            dim = self.dims[1]
+            table = pd.DataFrame({
+                dim: _labels(self.coord(dim)),
+                "mean": summary_mean.mean.double().numpy(),
+                "lower": summary_mean.lower.double().numpy(),
+                "upper": summary_mean.upper.double().numpy(),
+            }).set_index(dim).T
+            parts.append(table.to_html(float_format="{:.4g}".format, border=0))
+        return "\n".join(parts)
 
     @property
     def is_normalized(self) -> bool:

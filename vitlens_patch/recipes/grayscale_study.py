@@ -21,6 +21,7 @@ part per batch, resumable, shardable with torchrun).
 from __future__ import annotations
 
 import functools
+import html
 import json
 import os
 import tempfile
@@ -84,6 +85,36 @@ class GrayscaleStudyResult:
     @property
     def n_images(self) -> int:
         return self.trace.n_images
+
+    def _summary(self) -> str:
+        settings = self.settings
+        means = self.layer_means()
+        peak = ""
+        if means["mean"].notna().any():
+            best = means["mean"].idxmax()
+            peak = f"; largest mean effect {means.at[best, 'mean']:.4g} at layer {means.at[best, 'layer']}"
+        return (
+            f"{self.n_images} images, {settings.get('kind')} window {settings.get('window')}, "
+            f"{len(means)} layers; accuracy colour {self.colour_accuracy:.1%}, grayscale "
+            f"{self.grayscale_accuracy:.1%}{peak}"
+        )
+
+    def __repr__(self) -> str:
+        return f"GrayscaleStudyResult({self._summary()})"
+
+    def _repr_html_(self) -> str:
+        means = self.layer_means()[["layer", "mean", "lower", "upper"]].set_index("layer").T
+        accuracy = self.accuracy().tail(1)[
+            ["n_images", "colour_accuracy", "colour_lower", "colour_upper", "grayscale_accuracy",
+             "grayscale_lower", "grayscale_upper"]
+        ]
+        return "\n".join([
+            f"<b>GrayscaleStudyResult</b>: {html.escape(self._summary())}",
+            "<br>Mean indirect effect per layer (95% CI):",
+            means.to_html(float_format="{:.4g}".format, border=0),
+            "Accuracy, all images (95% Wilson interval):",
+            accuracy.to_html(index=False, float_format="{:.4g}".format, border=0),
+        ])
 
     @property
     def indices(self) -> list[int]:
@@ -383,7 +414,7 @@ def grayscale_study(
         directory = Path(out) if out is not None else Path(scratch)
         frame = run_study(
             model, dataset, measure, directory, batch_size=batch_size, indices=indices,
-            settings=settings, progress=progress,
+            settings=settings, progress=progress, description=f"grayscale study ({kind}, window {window})",
         )
     if len(frame) == 0:
         raise ValueError(f"indices must select at least one image, got {indices!r}")

@@ -71,6 +71,7 @@ def run_study(
     num_workers: int = 0,
     settings: Mapping | None = None,
     progress: bool = True,
+    description: str = "study",
 ) -> pd.DataFrame:
     """Apply ``measure`` to every image of ``dataset``, storing rows as it goes; resumable.
 
@@ -108,7 +109,9 @@ def run_study(
         settings: JSON-serialisable description of the measurement (e.g. a recipe's arguments),
             recorded in ``out/study.json`` with :func:`model_fingerprint` of ``model``. If ``out``
             already records other settings or another model, a ValueError names what differs.
-        progress: show a tqdm progress bar (on rank 0 only, counting rank 0's images).
+        progress: show a tqdm progress bar (on rank 0 only, counting rank 0's images). A resumed
+            run starts the bar at the images already stored: ``done / total``.
+        description: the bar's label (recipes name themselves, e.g. "grayscale study (attn, window 3)").
 
     Returns:
         The results, one row per requested image sorted by ``index``: columns ``index`` (data set
@@ -152,7 +155,8 @@ def run_study(
             model, dataset, measure, out, remaining[rank::world],
             batch_size=batch_size, with_indices=with_indices, device=device,
             num_workers=num_workers, columns=None if stored is None else list(stored.columns),
-            rank=rank, world=world, progress=progress,
+            rank=rank, world=world, progress=progress, description=description,
+            done=len(wanted) - len(remaining),
         )
         frames = [frame for of_rank in _all_gather(kept + new, group, world) for frame in of_rank]
     results = pd.concat(frames, ignore_index=True) if frames else _empty_frame(stored)
@@ -218,8 +222,13 @@ def _measure_shard(
     rank: int,
     world: int,
     progress: bool,
+    description: str,
+    done: int,
 ) -> list[pd.DataFrame]:
-    """Measure this rank's images batch by batch, writing each batch as a part file at once."""
+    """Measure this rank's images batch by batch, writing each batch as a part file at once.
+
+    ``done`` images of the study were stored before: the bar starts there (one process), or says
+    so (several: the bar counts rank 0's share)."""
     for stale in out.glob(f".rank{rank}-part*.tmp"):
         stale.unlink()
     part = _next_part_number(out, rank)
@@ -228,10 +237,15 @@ def _measure_shard(
         dataset, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers
     )
     frames = []
-    description = "study" if world == 1 else f"study (rank 0 of {world})"
+    if world > 1:
+        description = f"{description} (rank 0 of {world})"
+    initial = done if world == 1 else 0
     with tqdm(
-        total=len(shard), desc=description, unit="img", disable=not progress or rank != 0
+        total=initial + len(shard), initial=initial, desc=description, unit="img",
+        disable=not progress or rank != 0,
     ) as bar:
+        if done and world > 1:
+            bar.set_postfix_str(f"{done} stored before")
         for batch_indices, (images, labels) in zip(batches, loader):
             images = _model_input(model, images).to(device)
             labels = labels.to(device)
@@ -357,16 +371,39 @@ def _claim_directory(out: Path, settings: dict) -> None:
     path = out / SETTINGS_FILE
     if path.is_file():
         stored = json.loads(path.read_text())
-        changed = sorted(key for key in stored.keys() | settings.keys() if stored.get(key) != settings.get(key))
+        changed = _differences(stored, settings)
         if changed:
             raise ValueError(
-                f"out {str(out)!r} holds a study with other settings (differing: {changed}); "
+                f"out {str(out)!r} holds another study (differing: {'; '.join(changed)}); "
                 "use a new out directory for a new study"
             )
         return
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per torchrun process
     temporary.write_text(json.dumps(settings, indent=2))
     os.replace(temporary, path)
+
+
+def _differences(stored: dict, settings: dict, prefix: str = "") -> list[str]:
+    """What differs between two settings dicts, as short ``key: stored -> now`` texts."""
+    changed = []
+    for key in sorted(stored.keys() | settings.keys()):
+        old, new = stored.get(key), settings.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed.extend(_differences(old, new, f"{prefix}{key}."))
+        elif key == "model_sha256":
+            changed.append(f"{prefix}{key} (another model or other weights)")
+        elif key.endswith("sha256"):
+            changed.append(f"{prefix}{key} (other data)")
+        else:
+            changed.append(f"{prefix}{key}: {_short(old)} -> {_short(new)}")
+    return changed
+
+
+def _short(value, limit: int = 40) -> str:
+    text = "missing" if value is None else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _model_device(model: nn.Module) -> torch.device:
