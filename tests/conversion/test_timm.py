@@ -103,7 +103,7 @@ UNSUPPORTED = [
     (lambda: timm.create_model("resnet18", pretrained=False), "model class ResNet"),
     (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False), "model class SwinTransformer"),
     (lambda: tiny_timm_vit(global_pool="prr"), "global_pool=.prr. is not supported"),
-    (lambda: tiny_timm_vit(dynamic_img_size=True), "dynamic_img_size"),
+    (lambda: tiny_timm_vit(dynamic_img_size=True, dynamic_img_pad=True), "patch embedding PatchEmbed with these options"),
     (lambda: tiny_timm_vit(global_pool=""), "global_pool='' with a classifier"),
     (lambda: tiny_timm_vit(mlp_layer=timm.layers.GluMlp), "GluMlp with gate_last=True"),
     (lambda: tiny_timm_vit(mlp_layer=timm.layers.GatedMlp), "MLP type GatedMlp"),

@@ -11,6 +11,7 @@ from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import (
     DiffParallelScalingBlock,
     ParallelScalingBlock,
+    ParallelThingsBlock,
     ResPostBlock,
     VisionTransformer,
 )
@@ -60,6 +61,12 @@ FAMILIES = {
                                             no_embed_class=True, reg_tokens=1, global_pool="avg"),
     "diff_parallel_dual_lambda_qkv_bias": dict(block_fn=functools.partial(DiffParallelScalingBlock, dual_lambda=True),
                                                qkv_bias=True),
+    "dynamic_img_size_intern_style": dict(dynamic_img_size=True, init_values=0.5, qk_norm=True),
+    "vit_18x2_parallel_things_layer_scale": dict(block_fn=ParallelThingsBlock, init_values=0.5),
+    "parallel_things_three_branches_rms_no_bias": dict(
+        block_fn=functools.partial(ParallelThingsBlock, num_parallel=3), norm_layer="rmsnorm", qkv_bias=False,
+        proj_bias=False, global_pool="avg",
+    ),
     "res_post_block_rpn": dict(block_fn=ResPostBlock, init_values=0.5, class_token=False, global_pool="avg",
                                qkv_bias=False),
 }
@@ -134,3 +141,19 @@ def test_timm_siglip_by_name():
     x = images(model, 2)
     with torch.no_grad():
         assert relative_error(hooked(x), model(x)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(no_embed_class=True, reg_tokens=2, global_pool="avg")])
+@pytest.mark.parametrize("size", [(48, 40), (16, 24), (32, 32)])
+def test_dynamic_img_size_resamples_position_embeddings_as_timm(overrides, size):
+    model = tiny_vit(dynamic_img_size=True, **overrides)
+    hooked = HookedViT.from_timm(model)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        output, cache = hooked.run_with_cache(x, names_filter="hook_pos_embed")
+        expected = model(x)
+    assert relative_error(output, expected) <= TOLERANCE
+    grid = (size[0] // 8, size[1] // 8)
+    assert cache["hook_pos_embed"].shape == (2, hooked.cfg.n_prefix_tokens + grid[0] * grid[1], 32)
+    with pytest.raises(ValueError, match="at least one patch"):
+        hooked(torch.randn(1, 3, 4, 32))

@@ -124,11 +124,9 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
             "global_pool='' with a classifier (logits for every token) is not supported; build it "
             "with num_classes=0 for the tokens"
         )
-    if model.dynamic_img_size:
-        raise NotImplementedError("dynamic_img_size=True is not supported; build the model at a fixed img_size")
     if model.pos_embed is None:
         raise NotImplementedError("pos_embed='none' (no position embedding) is not supported")
-    embed_fields = timm_embed_fields(model.patch_embed)
+    embed_fields = timm_embed_fields(model.patch_embed, model.dynamic_img_size)
     if not isinstance(model.patch_drop, nn.Identity) and model.training:
         raise NotImplementedError("patch_drop_rate > 0 in training mode is not supported; call model.eval()")
 
@@ -167,17 +165,20 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         pool_include_prefix=bool(model.pool_include_prefix) and model.global_pool not in ("token", ""),
         norm=norm,
         eps=eps,
+        dynamic_img_size=bool(model.dynamic_img_size),
         **embed_fields,
         **block_fields[0],
     )
 
 
-def timm_embed_fields(embed: nn.Module) -> dict:
+def timm_embed_fields(embed: nn.Module, dynamic_img_size: bool = False) -> dict:
     """ViTConfig fields of a timm ``PatchEmbed`` (with or without a norm inside) or ``HybridEmbed``
-    (a CNN stem, then the patch projection)."""
-    from timm.layers import HybridEmbed, PatchEmbed
+    (a CNN stem, then the patch projection); with ``dynamic_img_size`` the embedding's NHWC output
+    (flattened after the position embedding) is expected."""
+    from timm.layers import Format, HybridEmbed, PatchEmbed
 
-    if type(embed) not in (PatchEmbed, HybridEmbed) or not embed.flatten or embed.dynamic_img_pad:
+    flat = embed.output_fmt == Format.NHWC if dynamic_img_size else embed.flatten
+    if type(embed) not in (PatchEmbed, HybridEmbed) or not flat or embed.dynamic_img_pad:
         raise NotImplementedError(f"patch embedding {type(embed).__name__} with these options is not supported")
     if not isinstance(embed.proj, nn.Conv2d) or embed.proj.stride != embed.proj.kernel_size or embed.proj.padding != (0, 0):
         raise NotImplementedError(f"patch embedding {type(embed).__name__} without a non-overlapping patch projection is not supported")
@@ -221,11 +222,15 @@ def timm_block_fields(block: nn.Module, where: str) -> dict:
     ``ParallelScalingBlock``; any other block type raises ``NotImplementedError`` naming it."""
     from timm.layers import DiffAttention
     from timm.layers.attention import Attention
-    from timm.models.vision_transformer import Block, DiffParallelScalingBlock, ParallelScalingBlock, ResPostBlock
+    from timm.models.vision_transformer import (
+        Block, DiffParallelScalingBlock, ParallelScalingBlock, ParallelThingsBlock, ResPostBlock,
+    )
 
     if type(block) in (ParallelScalingBlock, DiffParallelScalingBlock):
         return parallel_scaling_block_fields(block, where)
-    if type(block) not in (Block, ResPostBlock):
+    if type(block) is ParallelThingsBlock:
+        return parallel_things_block_fields(block, where)
+    if type(block) not in (Block, ResPostBlock, _ParallelBranch):
         raise NotImplementedError(f"{where}: block type {type(block).__name__} is not supported")
     attn = block.attn
     diff = type(attn) is DiffAttention
@@ -290,10 +295,44 @@ def parallel_scaling_block_fields(block: nn.Module, where: str) -> dict:
     )
 
 
+def parallel_things_block_fields(block: nn.Module, where: str) -> dict:
+    """ViTConfig fields of a timm ``ParallelThingsBlock`` ("Three things everyone should know",
+    ``*_18x2_*``): ``n`` attention branches, each with its own norm and layer scale, summed into
+    the residual stream, then ``n`` MLP branches likewise. It converts exactly into one standard
+    block: the branches' attention heads side by side (``n * heads`` heads) and their MLP hidden
+    units side by side (``n * d_mlp``), each branch's norm weight / bias folded into its input
+    projections (so ``ln1`` / ``ln2`` only normalise) and its layer scale into its output projection."""
+    fields = []
+    for index, (attn, ffn) in enumerate(zip(block.attns, block.ffns)):
+        branch = timm_block_fields(_ParallelBranch(attn, ffn), f"{where}.attns.{index}")
+        if branch["qk_norm"] or branch["attn_norm"] or branch["mlp_norm"] or branch["gated_mlp"] or branch["diff_attention"]:
+            raise NotImplementedError(
+                f"{where}: ParallelThingsBlock with qk-norm, scale norms, gated MLPs or differential attention is not supported"
+            )
+        fields.append(branch)
+    if any(branch != fields[0] for branch in fields):
+        raise NotImplementedError(f"{where}: ParallelThingsBlock branches with different options are not supported")
+    n = len(fields)
+    return fields[0] | dict(n_heads=n * fields[0]["n_heads"], d_mlp=n * fields[0]["d_mlp"], qkv_bias=True,
+                            proj_bias=True, layer_scale=False)
+
+
+class _ParallelBranch(nn.Module):
+    """One attention / MLP branch pair of a ``ParallelThingsBlock`` seen as a timm ``Block``."""
+
+    def __init__(self, attn: nn.Module, ffn: nn.Module):
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = attn.norm, attn.attn, attn.ls
+        self.norm2, self.mlp, self.ls2 = ffn.norm, ffn.mlp, ffn.ls
+
+
 def timm_block_norms(block: nn.Module, where: str) -> list[tuple[str, nn.Module]]:
     """(name, module) of every norm layer in a timm block (Identity where absent)."""
-    from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
+    from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock, ParallelThingsBlock
 
+    if type(block) is ParallelThingsBlock:
+        return [(f"{where}.{kind}.{index}.norm", branch.norm) for kind in ("attns", "ffns")
+                for index, branch in enumerate(getattr(block, kind))]
     if type(block) in (ParallelScalingBlock, DiffParallelScalingBlock):
         return [(f"{where}.{name}", getattr(block, name)) for name in ("in_norm", "q_norm", "k_norm")]
     return ([(f"{where}.{name}", getattr(block, name)) for name in ("norm1", "norm2")]
@@ -519,6 +558,55 @@ def convert_timm_parallel_block(keys: StateDictTaker, cfg: ViTConfig, layer: int
     return out
 
 
+def convert_timm_parallel_things_block(keys: StateDictTaker, cfg: ViTConfig, layer: int) -> dict[str, Tensor]:
+    """A timm ``ParallelThingsBlock`` as one block (see ``parallel_things_block_fields``): per branch
+    ``j`` with norm (w_j, b_j) and layer scale g_j, ``W_Q_j' = diag(w_j) W_Q_j``, ``b_Q_j' = b_j W_Q_j
+    + b_Q_j`` (likewise K, V and the MLP's W_in), ``W_O_j' = W_O_j diag(g_j)``; the branches'
+    heads and hidden units are concatenated and their output biases summed."""
+    src = dst = f"blocks.{layer}"
+    n_branches = sum(1 for key in keys.source if key.startswith(f"{src}.attns.") and key.endswith(".attn.qkv.weight"))
+    heads = cfg.n_heads // n_branches
+    attn = {name: [] for name in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O")}
+    mlp = {name: [] for name in ("W_in", "b_in", "W_out")}
+    b_O, b_out = 0, 0
+    for j in range(n_branches):
+        for kind, parts in (("attns", attn), ("ffns", mlp)):
+            norm = f"{src}.{kind}.{j}"
+            w = keys.take(f"{norm}.norm.weight")
+            b = keys.take(f"{norm}.norm.bias") if f"{norm}.norm.bias" in keys else torch.zeros_like(w)
+            gamma = keys.take(f"{norm}.ls.gamma") if f"{norm}.ls.gamma" in keys else torch.ones_like(w)
+            if kind == "attns":
+                weight = rearrange(keys.take(f"{norm}.attn.qkv.weight"), "(three d_out) d_model -> three d_model d_out", three=3)
+                bias = (rearrange(keys.take(f"{norm}.attn.qkv.bias"), "(three d_out) -> three d_out", three=3)
+                        if f"{norm}.attn.qkv.bias" in keys else torch.zeros(3, weight.shape[-1], dtype=w.dtype))
+                folded_bias = b @ weight + bias  # [three, d_out]
+                for index, name in enumerate("QKV"):
+                    parts[f"W_{name}"].append(rearrange(w[:, None] * weight[index], "d_model (head d_head) -> head d_model d_head", head=heads))
+                    parts[f"b_{name}"].append(rearrange(folded_bias[index], "(head d_head) -> head d_head", head=heads))
+                proj = keys.take(f"{norm}.attn.proj.weight") * gamma[:, None]  # [d_model, head * d_head]
+                parts["W_O"].append(rearrange(proj, "d_model (head d_head) -> head d_head d_model", head=heads))
+                if f"{norm}.attn.proj.bias" in keys:
+                    b_O = b_O + gamma * keys.take(f"{norm}.attn.proj.bias")
+            else:
+                fc1 = keys.take(f"{norm}.mlp.fc1.weight").T  # [d_model, d_mlp]
+                fc1_bias = keys.take(f"{norm}.mlp.fc1.bias") if f"{norm}.mlp.fc1.bias" in keys else 0
+                parts["W_in"].append(w[:, None] * fc1)
+                parts["b_in"].append(b @ fc1 + fc1_bias)
+                parts["W_out"].append(keys.take(f"{norm}.mlp.fc2.weight").T * gamma)
+                if f"{norm}.mlp.fc2.bias" in keys:
+                    b_out = b_out + gamma * keys.take(f"{norm}.mlp.fc2.bias")
+    ones = torch.ones(cfg.d_model, dtype=attn["W_O"][0].dtype)
+    out = {f"{dst}.ln1.w": ones, f"{dst}.ln2.w": ones.clone()}
+    if cfg.norm == "layer_norm":
+        out |= {f"{dst}.ln1.b": torch.zeros_like(ones), f"{dst}.ln2.b": torch.zeros_like(ones)}
+    out |= {f"{dst}.attn.{name}": torch.cat(parts) for name, parts in attn.items()}
+    out |= {f"{dst}.mlp.W_in": torch.cat(mlp["W_in"], dim=1), f"{dst}.mlp.b_in": torch.cat(mlp["b_in"]),
+            f"{dst}.mlp.W_out": torch.cat(mlp["W_out"], dim=0)}
+    out[f"{dst}.attn.b_O"] = b_O + torch.zeros_like(ones)
+    out[f"{dst}.mlp.b_out"] = b_out + torch.zeros_like(ones)
+    return out
+
+
 def convert_timm_mlp(keys: StateDictTaker, cfg: ViTConfig, src: str, dst: str) -> dict[str, Tensor]:
     """A timm ``Mlp``, packed ``GluMlp`` (one fc1, gate half first) or ``SwiGLU`` (fc1_g, fc1_x)
     at ``src`` -> HookedViT's MLP / GatedMLP at ``dst`` (weights transposed to [d_in, d_out])."""
@@ -572,6 +660,9 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> di
         src = dst = f"blocks.{i}"
         if cfg.parallel_attn_mlp:
             out |= convert_timm_parallel_block(keys, cfg, i)
+            continue
+        if f"{src}.attns.0.attn.qkv.weight" in keys:
+            out |= convert_timm_parallel_things_block(keys, cfg, i)
             continue
         out |= convert_timm_attention(keys, cfg, i)
         if cfg.attn_norm:

@@ -86,6 +86,10 @@ class ViTConfig:
             each head's pattern is the difference of two softmax maps (see
             ``components.diff_attention``); ``d_head`` is then the width of each of the ``2 *
             n_heads`` query / key groups, and values are ``2 * d_head`` wide.
+        dynamic_img_size: inputs of any size (at least one patch) run: the patch grid follows the
+            image and the position embeddings are resampled to it (bicubic, antialiased, as
+            timm's ``dynamic_img_size=True``); at ``img_size`` they are used as they are. The
+            patching tools still work at ``img_size`` (their grids are ``grid_size``).
         embed_norm: a norm on the patch embeddings inside the patch embedding (timm's
             ``embed_norm_layer``, AIMv2): ``hook_embed`` is after it.
         stem_channels, stem_stride: a CNN stem (timm's ``HybridEmbed``: R50+ViT and friends)
@@ -133,6 +137,7 @@ class ViTConfig:
     attn_only_layer_scale: bool = False
     parallel_attn_mlp: bool = False
     diff_attention: bool = False
+    dynamic_img_size: bool = False
     embed_norm: bool = False
     stem_channels: int = 0
     stem_stride: tuple[int, int] = (1, 1)
@@ -178,6 +183,8 @@ class ViTConfig:
             raise ValueError(f"n_relative_positions must be >= 0 (0: no relative position bias), got {self.n_relative_positions}")
         if self.attn_only_layer_scale and not self.layer_scale:
             raise ValueError("attn_only_layer_scale=True needs layer_scale=True")
+        if self.dynamic_img_size and (self.rotary != "none" or self.stem_channels):
+            raise ValueError("dynamic_img_size=True with rotary position embeddings or a CNN stem is not supported")
         if self.parallel_attn_mlp and self.post_norm:
             raise ValueError("parallel_attn_mlp=True and post_norm=True cannot be combined")
         if self.stem_channels < 0 or any(s < 1 or p % s for s, p in zip(self.stem_stride, self.patch_size)):

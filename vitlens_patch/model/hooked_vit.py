@@ -160,9 +160,15 @@ class HookedViT(HookedRootModule):
 
         Raises:
             ValueError: unless ``images`` is a non-empty float tensor [batch, in_chans, height,
-                width] at ``cfg.img_size`` on the model's device.
+                width] at ``cfg.img_size`` (any size of at least one patch with
+                ``cfg.dynamic_img_size``) on the model's device.
         """
-        images = checks.check_images(images, channels=self.cfg.in_chans, size=self.cfg.img_size)
+        dynamic = self.cfg.dynamic_img_size
+        images = checks.check_images(images, channels=self.cfg.in_chans, size=None if dynamic else self.cfg.img_size)
+        if dynamic and any(size < patch for size, patch in zip(images.shape[2:], self.cfg.patch_size)):
+            raise ValueError(
+                f"images must be at least one patch {self.cfg.patch_size} high and wide, got {tuple(images.shape)}"
+            )
         return self._check_device(images, "images")
 
     def _check_layer(self, layer: int, argument: str) -> int:
@@ -177,7 +183,8 @@ class HookedViT(HookedRootModule):
     ) -> Float[Tensor, "batch pos d_model"]:
         """Images -> the residual stream entering block 0."""
         patches = self.hook_embed(self.embed(images))
-        pos = self.hook_pos_embed(self.pos_embed(patches))
+        grid = (images.shape[2] // self.cfg.patch_size[0], images.shape[3] // self.cfg.patch_size[1])
+        pos = self.hook_pos_embed(self.pos_embed(patches, grid))
         tokens = self.hook_full_embed(self.prefix_tokens(patches) + pos)
         return tokens if self.ln_pre is None else self.ln_pre(tokens)
 

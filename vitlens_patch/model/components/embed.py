@@ -66,19 +66,38 @@ class PosEmbed(nn.Module):
     W_pos [n_pos, d_model], or [n_patches, d_model] when prefix positions are not embedded (timm's
     ``no_embed_class``); then the prefix rows are zeros, which adds exactly what timm adds.
     Without absolute position embeddings (``cfg.abs_pos_embed`` False, rotary-only models) W_pos
-    is None and the embeddings are zeros.
+    is None and the embeddings are zeros. With ``cfg.dynamic_img_size`` a patch grid other than
+    ``cfg.grid_size`` gets the patch rows resampled to it (bicubic, antialiased, in float32, as
+    timm's ``resample_abs_pos_embed``); prefix rows are kept.
     """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.n_unembedded = 0 if cfg.pos_embed_prefix else cfg.n_prefix_tokens
-        self.shape = (cfg.n_pos, cfg.d_model)
+        self.n_prefix_rows = cfg.n_prefix_tokens - self.n_unembedded
+        self.grid_size = cfg.grid_size
+        self.d_model = cfg.d_model
         self.W_pos = (
             nn.Parameter(torch.empty(cfg.n_pos - self.n_unembedded, cfg.d_model)) if cfg.abs_pos_embed else None
         )
 
-    def forward(self, patches: Float[Tensor, "batch n_patches d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        """Position embeddings for a batch like ``patches`` (its size, device and dtype)."""
+    def resampled(self, grid: tuple[int, int]) -> Float[Tensor, "rows d_model"]:
+        """W_pos with its patch rows resampled from ``cfg.grid_size`` to ``grid``."""
+        if tuple(grid) == tuple(self.grid_size):
+            return self.W_pos
+        prefix, patches = self.W_pos[: self.n_prefix_rows], self.W_pos[self.n_prefix_rows :]
+        patches = rearrange(patches.float(), "(h w) d_model -> 1 d_model h w", h=self.grid_size[0])
+        patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", antialias=True)
+        patches = rearrange(patches, "1 d_model h w -> (h w) d_model").to(self.W_pos.dtype)
+        return torch.cat([prefix, patches])
+
+    def forward(
+        self, patches: Float[Tensor, "batch n_patches d_model"], grid: tuple[int, int] | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Position embeddings for a batch like ``patches`` (its size, device and dtype) on the
+        patch ``grid`` (default ``cfg.grid_size``)."""
+        grid = self.grid_size if grid is None else grid
         if self.W_pos is None:
-            return patches.new_zeros(self.shape).expand(len(patches), -1, -1)
-        return F.pad(self.W_pos, (0, 0, self.n_unembedded, 0)).expand(len(patches), -1, -1)
+            n_pos = self.n_unembedded + self.n_prefix_rows + grid[0] * grid[1]
+            return patches.new_zeros(n_pos, self.d_model).expand(len(patches), -1, -1)
+        return F.pad(self.resampled(grid), (0, 0, self.n_unembedded, 0)).expand(len(patches), -1, -1)
