@@ -1,24 +1,30 @@
 """Attribution patching (AtP with AtP*'s QK fix) and bf16 vs the exact float32 engine.
 
-    nice -n 5 python benchmarks/fast_patching.py [--images 100] [--grid-images 100]
-        [--bf16-images 5] [--bf16-grid-images 1] [--vit-s-cell-fraction 0.1] [--threads 1]
-        [--corruption blur] [--skip-embedded] [--skip-vit-s]
+    nice -n 5 python benchmarks/fast_patching.py --fill-exact-cache --exact-cache exact.pt \
+        [--train-archive ../shared/data/cifar10/train.tar.gz]      # once, resumable: the exact effects
+    nice -n 5 python benchmarks/fast_patching.py --exact-cache exact.pt [--images 100]
+        [--speed-images 10] [--speed-grid-images 3] [--verify-images 5] [--bf16-images 5]
+        [--bf16-grid-images 1] [--vit-s-cell-fraction 0.1] [--threads 1] [--corruption blur]
+        [--skip-embedded] [--skip-vit-s]
 
 Prints, in one run:
 
 1. the CPU's capability (``torch.backends.cpu.get_cpu_capability()``, AVX512-BF16 / AMX flags);
-2. speed, attribution vs exact, on the embedded CIFAR-10 model (``--images`` test images) and on
-   a random-weight ViT-S/16 at 224 px (1 image): the full 12 x pos ``trace_grid``
-   (``hook_resid_pre``, window 1), ``trace_layers`` (attn and mlp, windows 1 and 3),
-   ``trace_heads`` and CAAP over all patches; bf16 vs float32 for the exact engine and CAAP.
+2. speed, attribution vs exact, per image, on the embedded CIFAR-10 model (exact on the first
+   ``--speed-images`` test images, ``--speed-grid-images`` for the grid; attribution on all
+   ``--images``) and on a random-weight ViT-S/16 at 224 px (1 image): the full 12 x pos
+   ``trace_grid`` (``hook_resid_pre``, window 1), ``trace_layers`` (attn and mlp, windows 1 and
+   3), ``trace_heads`` and CAAP over all patches; bf16 vs float32 for the exact engine and CAAP.
    On ViT-S the exact grid and exact CAAP run on an evenly spaced ``--vit-s-cell-fraction`` of
    the tokens (patches) and their time is scaled to all of them (labelled "scaled");
-3. agreement of attribution with exact on the embedded model over the ``--images`` test images
-   (the trace_grid, whose exact run is the slowest, over the first ``--grid-images``):
-   Pearson and Spearman correlation per image (mean and 95% CI), recall of the exact top-10 cells
-   in the estimate's top 10, per site family (resid = trace_grid, attn / mlp = trace_layers,
-   heads = trace_heads, patches = CAAP), and the recall of ``verify_top_k=50`` (exact top-10 cells
-   among the verified ones, and in the verified result's top 10);
+3. agreement of attribution with exact on the embedded model over the ``--images`` (default 100)
+   test images: Pearson and Spearman correlation per image (mean and 95% CI), recall of the exact
+   top-10 cells in the estimate's top 10, per site family (resid = trace_grid, attn / mlp =
+   trace_layers, heads = trace_heads, patches = CAAP), and the recall of ``verify_top_k=50``
+   (exact top-10 cells among the verified ones, and in the verified result's top 10). The exact
+   effects come from ``--exact-cache`` (filled by ``--fill-exact-cache``, which also computes the
+   exact grid and CAAP on ``--train-archive`` training images, the set for choices such as
+   verify_top_k's ranking); missing ones are computed in the run;
 4. the same for bf16 vs float32 (exact engine; ``--bf16-grid-images`` for the grid,
    ``--bf16-images`` for CAAP: emulated bf16 is several times slower), plus the largest
    |difference| relative to the image's clean - corrupted gap.
@@ -30,6 +36,8 @@ slow small passes most).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +58,55 @@ from vitlens_patch.attribution.caap import caap, context_images, default_layers 
 
 TOP = 10
 VERIFY = 50
+CHUNK = 5  # images per cached chunk of exact effects
+
+
+def image_key(images: torch.Tensor) -> str:
+    """A short digest of an image tensor: cached exact effects are keyed by the images they came from."""
+    return hashlib.sha256(images.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+class ExactCache:
+    """Exact float32 effects on disk, per (model, sweep, corruption, image chunk of ``CHUNK``).
+
+    The exact engine over 100 images takes most of an hour on a shared CPU (the full grid is
+    12 x 65 cells per image), so its effects can be computed once (``--fill-exact-cache``, resumable)
+    and reused for the agreement tables, which then say how many images came from the cache and
+    from which commit. Speed is always timed in the run itself.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries = torch.load(path) if path is not None and path.exists() else {}
+
+    def effects(self, tag: str, images: torch.Tensor, run, fill: bool = True) -> tuple[torch.Tensor | None, str]:
+        """Exact effects of ``run`` (callable(images) -> effects) on ``images``, chunk by chunk:
+        cached chunks are loaded, missing ones computed (and saved) when ``fill``; returns
+        (effects or None if some chunk is missing and not filled, provenance)."""
+        parts, sources = [], set()
+        for start in range(0, len(images), CHUNK):
+            chunk = images[start : start + CHUNK]
+            key = f"{tag}|{image_key(chunk)}"
+            if key not in self.entries:
+                if not fill:
+                    return None, "missing"
+                effects, seconds = timed(lambda: run(chunk))
+                self.entries[key] = {"effects": effects, "seconds": seconds, "commit": commit(),
+                                     "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                if self.path is not None:  # atomic: a reader never sees a half-written file
+                    torch.save(self.entries, self.path.with_suffix(".tmp"))
+                    self.path.with_suffix(".tmp").replace(self.path)
+            parts.append(self.entries[key]["effects"])
+            sources.add(self.entries[key]["commit"])
+        return torch.cat(parts), ", ".join(sorted(sources))
 
 
 def capability() -> tuple[str, list[str]]:
@@ -102,15 +159,16 @@ def verify_recall(exact: torch.Tensor, verified: torch.Tensor, mask: torch.Tenso
     return np.array(among), np.array(final)
 
 
-def sweeps(model: HookedViT, images: torch.Tensor, corruption: str, grid_positions=None) -> dict:
-    """name -> callable(method, **options) -> (effects [image, cells...], clean - corrupted gap)."""
+def sweeps(model: HookedViT, corruption: str, grid_positions=None) -> dict:
+    """name -> callable(images, method, **options) -> (effects [image, cells...], clean - corrupted gap,
+    exact mask)."""
     def trace(function, **fixed):
-        def run(method, **options):
+        def run(images, method, **options):
             result = function(model, images, corruption, method=method, progress=False, **fixed, **options)
             return result.effects, (result.clean_score - result.corrupted_score), result.exact
         return run
 
-    def caap_run(method, **options):
+    def caap_run(images, method, **options):
         maps, exact = caap(model, images, method=method, return_exact=True, progress=False, **options)
         with torch.no_grad():
             source, context = model(images), model(context_images(model, images, "blur"))
@@ -132,48 +190,95 @@ FAMILY = {
     "trace_grid resid_pre": "resid", "trace_layers attn w1": "attn", "trace_layers attn w3": "attn",
     "trace_layers mlp w1": "mlp", "trace_layers mlp w3": "mlp", "trace_heads": "heads", "caap patches": "patches",
 }
+VERIFIED = ("trace_grid resid_pre", "caap patches")
+
+
+def test_images(model: HookedViT, n: int) -> torch.Tensor:
+    """The embedded CIFAR-10 test images (10 per class), first ``n``, as model input."""
+    return model.preprocess(vitlens_patch.pretrained.sample_images().images[:n])
+
+
+def train_images(model: HookedViT, archive: Path, per_class: int) -> torch.Tensor:
+    """``per_class`` training images of every class (seeded choice): the set on which choices such as
+    verify_top_k's ranking are made, never the test images they are reported on."""
+    from vitlens_patch.data.folder import load_image_folder, select_per_class
+
+    train = load_image_folder(archive, split="train")
+    return model.preprocess(train.images[select_per_class(train.labels, per_class, seed=0)])
+
+
+def fill_exact_cache(args) -> None:
+    """Compute (resumably) every exact effect the agreement tables need, cheap sweeps first."""
+    model = vitlens_patch.cifar10_vit()
+    cache = ExactCache(args.exact_cache)
+    runs = sweeps(model, args.corruption)
+    test = test_images(model, args.images)
+    jobs = [(name, "test", test) for name in runs if name != "trace_grid resid_pre"]
+    if args.train_archive is not None and args.train_per_class:
+        train = train_images(model, args.train_archive, args.train_per_class)
+        jobs += [("caap patches", "train", train), ("trace_grid resid_pre", "train", train[: args.train_grid_images])]
+    jobs.append(("trace_grid resid_pre", "test", test))
+    for name, split, images in jobs:
+        (_, source), seconds = timed(lambda: cache.effects(
+            f"embedded|{args.corruption}|{name}", images, lambda chunk: runs[name](chunk, "exact")[0]))
+        print(f"{name:24} {split:5} {len(images):4} images  {seconds:8.1f} s  (commit {source})", flush=True)
 
 
 def embedded_section(args) -> None:
     model = vitlens_patch.cifar10_vit()
-    images = model.preprocess(vitlens_patch.pretrained.sample_images().images[: args.images])
+    images = test_images(model, args.images)
+    cache = ExactCache(args.exact_cache)
     print(f"\n## Embedded CIFAR-10 ViT ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
           f"{model.cfg.n_pos} tokens), {len(images)} test images, corruption {args.corruption!r}")
-    runs = sweeps(model, images, args.corruption)
-    runs["trace_grid resid_pre"] = sweeps(model, images[: args.grid_images], args.corruption)["trace_grid resid_pre"]
-    runs["trace_layers attn w1"]("attribution")  # warm-up
-    speed, quality, verify = [], [], []
+    runs = sweeps(model, args.corruption)
+    runs["trace_layers attn w1"](images[:2], "attribution")  # warm-up
+    speed, quality, verify, provenance = [], [], [], {}
     for name, run in runs.items():
-        (exact, gap, _), exact_s = timed(lambda: run("exact"))
-        (estimate, _, _), attribution_s = timed(lambda: run("attribution"))
-        speed.append((name, exact_s, attribution_s))
+        n_speed = args.speed_grid_images if name == "trace_grid resid_pre" else args.speed_images
+        _, exact_s = timed(lambda: run(images[:n_speed], "exact"))
+        (estimate, gap, _), attribution_s = timed(lambda: run(images, "attribution"))
+        speed.append((name, n_speed, exact_s / n_speed, attribution_s / len(images)))
+        exact, provenance[name] = cache.effects(
+            f"embedded|{args.corruption}|{name}", images, lambda chunk: run(chunk, "exact")[0])
         quality.append((name, agreement(exact, estimate)))
-        if name in ("trace_grid resid_pre", "caap patches"):
-            (verified, _, mask), verify_s = timed(lambda: run("attribution", verify_top_k=VERIFY))
-            verify.append((name, *verify_recall(exact, verified, mask), verify_s))
-    print("\nspeed (seconds for all images; ratio = exact / attribution)")
-    print(f"{'sweep':24} {'exact':>9} {'attribution':>12} {'ratio':>8}")
-    for name, exact_s, attribution_s in speed:
-        print(f"{name:24} {exact_s:9.2f} {attribution_s:12.3f} {exact_s / attribution_s:7.1f}x")
+        if name in VERIFIED:
+            # verify_top_k on the first --verify-images images, as the library runs it; over all
+            # images from the cached exact effects (the same values: the engine restores the
+            # selected cells alone), so the recall covers every image
+            subset = slice(0, args.verify_images)
+            (verified, _, mask), verify_s = timed(lambda: run(images[subset], "attribution", verify_top_k=VERIFY))
+            chosen = torch.zeros_like(estimate.flatten(1), dtype=torch.bool)
+            chosen.scatter_(1, estimate.flatten(1).topk(min(VERIFY, chosen.shape[1]), dim=1).indices, True)
+            assert torch.equal(chosen[subset], mask.flatten(1)), "verify_top_k chose other cells"
+            torch.testing.assert_close(verified.flatten(1)[mask.flatten(1)], exact.flatten(1)[subset][mask.flatten(1)])
+            offline = torch.where(chosen, exact.flatten(1), estimate.flatten(1))
+            verify.append((name, *verify_recall(exact, offline, chosen), verify_s / args.verify_images))
+    print(f"\nspeed, seconds per image (exact on the first n images, attribution on all {len(images)}; "
+          f"ratio = exact / attribution)")
+    print(f"{'sweep':24} {'n exact':>7} {'exact s':>9} {'attribution s':>14} {'ratio':>8}")
+    for name, n_speed, exact_s, attribution_s in speed:
+        print(f"{name:24} {n_speed:7d} {exact_s:9.3f} {attribution_s:14.4f} {exact_s / attribution_s:7.1f}x")
     print("targets: trace_grid ratio >= 100x; caap ratio >= 20x")
-    print(f"\nagreement attribution vs exact, per image: mean [95% CI]; recall = exact top-{TOP} in estimate's top {TOP}")
-    print(f"{'sweep':24} {'family':8} {'Pearson':>22} {'Spearman':>22} {'recall@10':>10}")
+    print(f"\nagreement attribution vs exact over {len(images)} images, per image: mean [95% CI]; "
+          f"recall = exact top-{TOP} in estimate's top {TOP}")
+    print(f"{'sweep':24} {'family':8} {'Pearson':>22} {'Spearman':>22} {'recall@10':>10}  exact effects from")
     for name, rows in quality:
         print(f"{name:24} {FAMILY[name]:8} {mean_ci(rows['pearson']):>22} {mean_ci(rows['spearman']):>22} "
-              f"{np.nanmean(rows['recall']):10.2f}")
-    print(f"\nverify_top_k={VERIFY}: exact top-{TOP} among the verified cells / in the verified result's top {TOP} "
-          f"(target >= 0.95)")
+              f"{np.nanmean(rows['recall']):10.3f}  commit {provenance[name]}")
+    print(f"\nverify_top_k={VERIFY} over {len(images)} images: exact top-{TOP} among the verified cells / in the "
+          f"verified result's top {TOP} (target >= 0.95); run by the library on the first {args.verify_images} "
+          f"images (time per image), checked against the cached exact effects")
     for name, among, final, seconds in verify:
-        print(f"{name:24} {among.mean():.3f} / {final.mean():.3f}   ({seconds:.2f} s)")
+        print(f"{name:24} {among.mean():.3f} / {final.mean():.3f}   ({seconds:.3f} s per image)")
 
     print(f"\nbf16 vs float32, exact engine (trace_grid on the first {args.bf16_grid_images} images, CAAP on "
           f"the first {args.bf16_images})")
     print(f"{'sweep':24} {'fp32 s':>8} {'bf16 s':>8} {'bf16/fp32':>9} {'Spearman':>22} {'recall@10':>9} {'max|diff|/gap':>13}")
     subsets = {"trace_grid resid_pre": images[: args.bf16_grid_images], "caap patches": images[: args.bf16_images]}
     for name, subset in subsets.items():
-        run = sweeps(model, subset, args.corruption)[name]
-        (full, gap, _), full_s = timed(lambda: run("exact"))
-        (low, _, _), low_s = timed(lambda: run("exact", dtype=torch.bfloat16))
+        run = runs[name]
+        (full, gap, _), full_s = timed(lambda: run(subset, "exact"))
+        (low, _, _), low_s = timed(lambda: run(subset, "exact", dtype=torch.bfloat16))
         rows = agreement(full, low)
         relative = ((full - low).flatten(1).abs().amax(1) / gap.abs()).max().item()
         print(f"{name:24} {full_s:8.2f} {low_s:8.2f} {low_s / full_s:8.2f}x {mean_ci(rows['spearman']):>22} "
@@ -189,27 +294,27 @@ def vit_s_section(args) -> None:
     tokens = list(range(0, cfg.n_pos, step))
     print(f"\n## ViT-S/16 (random weights), 1 image 224x224, {cfg.n_layers} x {cfg.n_pos} grid; exact grid and "
           f"exact CAAP on every {step}th token / patch ({len(tokens)} of {cfg.n_pos}), time scaled to all")
-    runs = sweeps(model, images, "pixel_noise")
-    sampled = sweeps(model, images, "pixel_noise", grid_positions=tokens)["trace_grid resid_pre"]
-    runs["trace_layers attn w1"]("attribution")  # warm-up
+    runs = sweeps(model, "pixel_noise")
+    sampled = sweeps(model, "pixel_noise", grid_positions=tokens)["trace_grid resid_pre"]
+    runs["trace_layers attn w1"](images, "attribution")  # warm-up
     print(f"{'sweep':24} {'exact s':>12} {'attribution s':>14} {'ratio':>8}")
     for name, run in runs.items():
-        _, attribution_s = timed(lambda: run("attribution"))
+        _, attribution_s = timed(lambda: run(images, "attribution"))
         if name == "trace_grid resid_pre":
-            _, exact_s = timed(lambda: sampled("exact"))
+            _, exact_s = timed(lambda: sampled(images, "exact"))
             exact_s, label = exact_s * cfg.n_pos / len(tokens), " (scaled)"
         elif name == "caap patches":
             patches = tokens[:-1] if tokens[-1] >= cfg.n_patches else tokens
             _, exact_s = timed(lambda: caap_subset(model, images, patches))
             exact_s, label = exact_s * cfg.n_patches / len(patches), " (scaled)"
         else:
-            _, exact_s = timed(lambda: run("exact"))
+            _, exact_s = timed(lambda: run(images, "exact"))
             label = ""
         print(f"{name:24} {exact_s:12.2f} {attribution_s:14.3f} {exact_s / attribution_s:7.1f}x{label}")
     print("\nbf16 vs float32, exact engine on ViT-S/16 (trace_layers attn w1)")
     for name, run in (("trace_layers attn w1", runs["trace_layers attn w1"]),):
-        (full, _, _), full_s = timed(lambda: run("exact"))
-        (low, _, _), low_s = timed(lambda: run("exact", dtype=torch.bfloat16))
+        (full, _, _), full_s = timed(lambda: run(images, "exact"))
+        (low, _, _), low_s = timed(lambda: run(images, "exact", dtype=torch.bfloat16))
         rho = stats.spearmanr(full.flatten(), low.flatten())[0]
         print(f"{name:24} fp32 {full_s:7.2f} s  bf16 {low_s:7.2f} s  bf16/fp32 time {low_s / full_s:5.2f}x  "
               f"Spearman {rho:.4f}")
@@ -230,7 +335,17 @@ def caap_subset(model: HookedViT, images: torch.Tensor, patches: list[int]) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100, help="embedded-model test images (at most 100)")
-    parser.add_argument("--grid-images", type=int, default=100, help="images for the exact trace_grid")
+    parser.add_argument("--speed-images", type=int, default=10, help="images the exact sweeps are timed on")
+    parser.add_argument("--speed-grid-images", type=int, default=3, help="images the exact trace_grid is timed on")
+    parser.add_argument("--exact-cache", type=Path, default=None,
+                        help="file of exact effects for the agreement tables (read, and extended when missing)")
+    parser.add_argument("--fill-exact-cache", action="store_true",
+                        help="only compute the missing exact effects into --exact-cache (resumable), then stop")
+    parser.add_argument("--train-archive", type=Path, default=None,
+                        help="CIFAR-10 training archive (../shared/data/cifar10/train.tar.gz): images for choices")
+    parser.add_argument("--train-per-class", type=int, default=3)
+    parser.add_argument("--train-grid-images", type=int, default=10)
+    parser.add_argument("--verify-images", type=int, default=5, help="images verify_top_k is run on")
     parser.add_argument("--bf16-images", type=int, default=5)
     parser.add_argument("--bf16-grid-images", type=int, default=1)
     parser.add_argument("--vit-s-cell-fraction", type=float, default=0.1)
@@ -245,6 +360,9 @@ def main() -> None:
     print(f"CPU capability {cap}; native bf16 flags: {', '.join(flags) or 'none'} "
           f"({'native bf16' if flags else 'no native bf16: bf16 is emulated and slower, never a default'}); "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.fill_exact_cache:
+        fill_exact_cache(args)
+        return
     if not args.skip_embedded:
         embedded_section(args)
     if not args.skip_vit_s:
