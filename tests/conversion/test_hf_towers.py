@@ -125,3 +125,12 @@ def test_every_converter_has_a_parity_row():
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_trace_layers_trace_grid_and_caap_match_per_cell_references(name):
     assert_tools_match_references(HookedViT.from_hf(tiny_hf(name)), images(2))
+
+
+def test_siglip_without_head_returns_the_normed_tokens():
+    torch.manual_seed(0)
+    hf_model = transformers.SiglipVisionModel(SiglipVisionConfig(**COMMON, **MLP, vision_use_head=False)).eval()
+    model = HookedViT.from_hf(hf_model)
+    assert model.cfg.pooling == "none" and model.attn_pool is None
+    x = images(2)
+    assert relative_error(model(x), hf_run(hf_model, x).last_hidden_state) <= TOLERANCE

@@ -22,10 +22,10 @@ from vitlens_patch.model import HookedViT
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 
 
-def tiny_hybrid_embed(**kwargs) -> HybridEmbed:
+def tiny_hybrid_embed(channels: int = 16, **kwargs) -> HybridEmbed:
     """timm's R50+ViT embedding in miniature: a one-stage ResNetV2 (stride 4, 16 channels, group
     norms), then the patch projection (kernel 2: 8 pixels per token)."""
-    backbone = ResNetV2(layers=(1,), channels=(16,), stem_chs=8, num_classes=0, global_pool="", preact=False,
+    backbone = ResNetV2(layers=(1,), channels=(channels,), stem_chs=8, num_classes=0, global_pool="", preact=False,
                         stem_type="same", conv_layer=functools.partial(StdConv2dSame, eps=1e-8),
                         norm_layer=functools.partial(timm.layers.GroupNormAct, num_groups=4))
     return HybridEmbed(backbone=backbone, **kwargs)
@@ -44,6 +44,10 @@ FAMILIES = {
     "dinov2_giant_swiglu_packed": dict(mlp_layer=SwiGLUPacked, act_layer="silu", init_values=0.5, reg_tokens=2),
     "beit3_scale_attn_and_mlp_norms": dict(scale_attn_norm=True, scale_mlp_norm=True),
     "hybrid_cnn_stem": dict(embed_layer=tiny_hybrid_embed, patch_size=2),
+    "hybrid_stem_without_projection_mci_style": dict(
+        embed_layer=functools.partial(tiny_hybrid_embed, channels=32, proj=False), patch_size=1, img_size=16,
+    ),
+    "img_size_not_a_multiple_of_patch_so400m_384_style": dict(img_size=(36, 44), class_token=False, global_pool="map"),
     "vit_xp_parallel_scaling_qk_norm_rms": dict(
         block_fn=ParallelScalingBlock, qkv_bias=False, qk_norm=True, norm_layer=RmsNorm, pre_norm=True,
         no_embed_class=True,

@@ -201,7 +201,9 @@ def test_preprocess_accepts_pil_uint8_and_float():
 
 
 def test_config_rejects_inconsistent_architecture():
-    with pytest.raises(ValueError, match="divisible by patch_size"):
-        ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, img_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="at least patch_size"):
+        ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, img_size=6, patch_size=8)
+    # a size that is not a multiple of the patch floors the grid, as timm's strided convolution
+    assert ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, img_size=30, patch_size=8).grid_size == (3, 3)
     with pytest.raises(ValueError, match="activation must be one of"):
         ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, activation="swish")

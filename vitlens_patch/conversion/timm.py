@@ -180,10 +180,13 @@ def timm_embed_fields(embed: nn.Module, dynamic_img_size: bool = False) -> dict:
     flat = embed.output_fmt == Format.NHWC if dynamic_img_size else embed.flatten
     if type(embed) not in (PatchEmbed, HybridEmbed) or not flat or embed.dynamic_img_pad:
         raise NotImplementedError(f"patch embedding {type(embed).__name__} with these options is not supported")
-    if not isinstance(embed.proj, nn.Conv2d) or embed.proj.stride != embed.proj.kernel_size or embed.proj.padding != (0, 0):
+    projected = not (type(embed) is HybridEmbed and isinstance(embed.proj, nn.Identity))
+    if projected and (not isinstance(embed.proj, nn.Conv2d) or embed.proj.stride != embed.proj.kernel_size
+                      or embed.proj.padding != (0, 0)):
         raise NotImplementedError(f"patch embedding {type(embed).__name__} without a non-overlapping patch projection is not supported")
-    fields = dict(img_size=tuple(embed.img_size), patch_embed_bias=embed.proj.bias is not None,
-                  in_chans=embed.proj.in_channels)
+    # a HybridEmbed without projection (proj=False: the stem's channels are the tokens) gets the identity as W_E
+    fields = dict(img_size=tuple(embed.img_size), patch_embed_bias=projected and embed.proj.bias is not None,
+                  in_chans=embed.proj.in_channels if projected else embed.in_chans)
     if type(embed) is PatchEmbed:
         return fields | dict(patch_size=tuple(embed.patch_size), embed_norm=not isinstance(embed.norm, nn.Identity))
     stride = tuple(embed.feature_ratio)
@@ -406,8 +409,15 @@ def convert_timm_embeddings(keys: StateDictTaker, cfg: ViTConfig) -> dict[str, T
         prefix_tokens.append(keys.take("dist_token")[0])
     if cfg.n_register_tokens:
         prefix_tokens.append(keys.take("reg_token")[0])
+    if cfg.stem_channels and "patch_embed.proj.weight" not in keys:
+        # HybridEmbed(proj=False): the stem's feature map is the tokens; W_E is the identity (1 x 1)
+        reference = next(iter(keys.source.values()))
+        patch_weight = torch.eye(cfg.d_model, cfg.stem_channels, dtype=reference.dtype, device=reference.device)
+        patch_weight = patch_weight[:, :, None, None]
+    else:
+        patch_weight = keys.take("patch_embed.proj.weight")
     out = {
-        "embed.W_E": keys.take("patch_embed.proj.weight"),
+        "embed.W_E": patch_weight,
         "prefix_tokens.W_prefix": torch.cat(prefix_tokens) if prefix_tokens else torch.zeros(0, cfg.d_model),
     }
     if cfg.abs_pos_embed:

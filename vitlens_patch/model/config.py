@@ -28,7 +28,9 @@ class ViTConfig:
         d_model: residual stream width.
         n_heads, d_head: attention heads and their width.
         d_mlp: MLP hidden width.
-        img_size: input (height, width) in pixels (an int means square).
+        img_size: input (height, width) in pixels (an int means square). When it is not a
+            multiple of the patch size the last ``img_size % patch_size`` rows / columns are
+            not read (as timm's strided convolution: SigLIP so400m/14 at 384 has a 27 x 27 grid).
         patch_size: patch (height, width) in pixels (an int means square).
         in_chans: input channels.
         n_classes: classifier outputs; 0 for a backbone without a classifier, whose output is
@@ -160,9 +162,9 @@ class ViTConfig:
         if self.n_classes < 0:
             raise ValueError(f"n_classes must be >= 0 (0: no classifier), got {self.n_classes}")
         for axis in range(2):
-            if self.img_size[axis] % self.patch_size[axis]:
+            if self.img_size[axis] < self.patch_size[axis]:
                 raise ValueError(
-                    f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}"
+                    f"img_size {self.img_size} must be at least patch_size {self.patch_size}"
                 )
         for name, value, allowed in [("activation", self.activation, ACTIVATIONS),
                                      ("pooling", self.pooling, POOLINGS),
@@ -197,7 +199,7 @@ class ViTConfig:
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        """Patch grid (rows, cols); patch p sits at ``divmod(p, cols)``."""
+        """Patch grid (rows, cols), ``img_size // patch_size``; patch p sits at ``divmod(p, cols)``."""
         return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
 
     @property
