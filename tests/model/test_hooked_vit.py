@@ -207,3 +207,19 @@ def test_config_rejects_inconsistent_architecture():
     assert ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, img_size=30, patch_size=8).grid_size == (3, 3)
     with pytest.raises(ValueError, match="activation must be one of"):
         ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, activation="swish")
+
+
+def test_fused_qkv_weight_kept_between_calls_follows_every_weight_change():
+    model = HookedViT.from_timm(tiny_timm_vit())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        before = model(images)
+    attn = model.blocks[0].attn
+    delta = torch.randn_like(attn.W_K)
+    with torch.no_grad():
+        attn.W_K.add_(delta)  # an in-place edit rebuilds the fused weight
+        assert not torch.allclose(model(images), before)
+        attn.W_K.sub_(delta)
+        assert torch.allclose(model(images), before, atol=1e-6)
+    model(images).sum().backward()  # with gradients the fused weight is built in the graph
+    assert attn.W_Q.grad is not None and attn.W_Q.grad.abs().sum() > 0

@@ -57,13 +57,34 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]: pattern-weighted values
         self.hook_result = HookPoint()  # [batch, pos, head, d_model]: per-head output (use_attn_result)
 
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # One fused matmul for q, k and v, as timm does.
+    def _build_fused_qkv(self) -> tuple[Tensor, Tensor | None]:
+        """W_Q, W_K, W_V as timm's fused weight [3 * head * d_head, d_model] and bias."""
         weight = rearrange(
             torch.stack([self.W_Q, self.W_K, self.W_V]),
             "three head d_model d_head -> (three head d_head) d_model",
         )
         bias = None if self.b_Q is None else torch.cat([self.b_Q, self.b_K, self.b_V]).flatten()
+        return weight, bias
+
+    def _fused_qkv(self) -> tuple[Tensor, Tensor | None]:
+        """The fused q / k / v weight and bias. Without gradients to the weights (inference, or
+        frozen weights) they are kept between calls and rebuilt when any of W_Q / W_K / W_V / b_*
+        changes (its storage, or an in-place edit: the tensor version); with gradients they are
+        built each call, so they stay differentiable."""
+        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+            return self._build_fused_qkv()
+        key = tuple(None if p is None else (p.data_ptr(), p._version, p.device, p.dtype, p.shape) for p in params)
+        cached = getattr(self, "_qkv_cache", None)
+        if cached is None or cached[0] != key:
+            # normal tensors even under inference_mode, so frozen-weight runs with gradients can use them
+            with torch.inference_mode(False), torch.no_grad():
+                cached = self._qkv_cache = (key, self._build_fused_qkv())
+        return cached[1]
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # One fused matmul for q, k and v, as timm does.
+        weight, bias = self._fused_qkv()
         qkv = F.linear(x, weight, bias)
         qkv = rearrange(
             qkv, "batch pos (three head d_head) -> three batch pos head d_head",
