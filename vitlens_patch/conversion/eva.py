@@ -77,10 +77,6 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     mlp_fields = timm_mlp_fields(mlp, "blocks.0.mlp")
     if (attn.proj.bias is not None) != mlp_fields["proj_bias"]:
         raise NotImplementedError("attention projection and MLP with different bias settings are not supported")
-    if model.attn_pool is not None and model.attn_pool.num_heads != attn.num_heads:
-        raise NotImplementedError(
-            f"attn_pool: heads different from the blocks' ({model.attn_pool.num_heads} vs {attn.num_heads}) are not supported"
-        )
     if model.attn_pool is not None and (
         model.attn_pool.mlp.fc1.out_features != mlp_fields["d_mlp"]
         or activation_name(model.attn_pool.mlp.act) != mlp_fields["activation"]
@@ -109,6 +105,7 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
         final_norm="pooled" if has_fc_norm else ("tokens" if has_norm else "none"),
         pooling=model.global_pool or "none",
         pool_include_prefix=model.attn_pool is not None,  # Eva's attention pooling reads every token
+        pool_n_heads=model.attn_pool.num_heads if model.attn_pool is not None else 0,  # PE core: 8
         layer_scale=gamma_1 is not None,
         attn_only_layer_scale=gamma_1 is not None and gamma_2 is None,
         post_norm=type(first) is EvaBlockPostNorm,

@@ -135,8 +135,6 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
     for index, fields in enumerate(block_fields):
         if fields != block_fields[0]:
             raise NotImplementedError(f"blocks.{index}: blocks with different options are not supported")
-    if model.attn_pool is not None and model.attn_pool.num_heads != block_fields[0]["n_heads"]:
-        raise NotImplementedError("attn_pool: heads different from the blocks' are not supported")
 
     norms = [norm for index, block in enumerate(blocks) for norm in timm_block_norms(block, f"blocks.{index}")]
     norm, eps = norm_kind(norms[0][1], norms[0][0])
@@ -163,6 +161,7 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         final_norm="pooled" if has_fc_norm else ("tokens" if has_norm else "none"),
         pooling="distilled" if distilled else (model.global_pool or "none"),
         pool_include_prefix=bool(model.pool_include_prefix) and model.global_pool not in ("token", ""),
+        pool_n_heads=model.attn_pool.num_heads if model.attn_pool is not None else 0,
         norm=norm,
         eps=eps,
         dynamic_img_size=bool(model.dynamic_img_size),
@@ -507,11 +506,13 @@ def convert_timm_diff_attention_extras(
 def convert_timm_attention_pool(keys: StateDictTaker, cfg: ViTConfig, prefix: str = "attn_pool") -> dict[str, Tensor]:
     """timm ``AttentionPoolLatent`` -> ``AttentionPool``: the latent, q and the fused kv split per
     head, the output projection, the norm and the MLP."""
+    heads = cfg.pool_n_heads or cfg.n_heads
+
     def per_head(weight: Tensor) -> Tensor:
-        return rearrange(weight, "(head d_head) d_model -> head d_model d_head", head=cfg.n_heads)
+        return rearrange(weight, "(head d_head) d_model -> head d_model d_head", head=heads)
 
     def per_head_bias(bias: Tensor) -> Tensor:
-        return rearrange(bias, "(head d_head) -> head d_head", head=cfg.n_heads)
+        return rearrange(bias, "(head d_head) -> head d_head", head=heads)
 
     dst = "attn_pool"
     k_weight, v_weight = keys.take(f"{prefix}.kv.weight").chunk(2, dim=0)
@@ -523,7 +524,7 @@ def convert_timm_attention_pool(keys: StateDictTaker, cfg: ViTConfig, prefix: st
         f"{dst}.W_K": per_head(k_weight), f"{dst}.b_K": per_head_bias(k_bias),
         f"{dst}.W_V": per_head(v_weight), f"{dst}.b_V": per_head_bias(v_bias),
         f"{dst}.W_O": rearrange(
-            keys.take(f"{prefix}.proj.weight"), "d_model (head d_head) -> head d_head d_model", head=cfg.n_heads
+            keys.take(f"{prefix}.proj.weight"), "d_model (head d_head) -> head d_head d_model", head=heads
         ),
         f"{dst}.b_O": keys.take(f"{prefix}.proj.bias"),
         f"{dst}.mlp.W_in": keys.take(f"{prefix}.mlp.fc1.weight").T,

@@ -51,6 +51,8 @@ class ViTConfig:
             ``Dinov2ForImageClassification``), or "none" (every token, timm's ``global_pool=''``;
             no linear classifier, ``with_head`` heads read the tokens), or "map" (attention
             pooling: a learned query attends over the tokens, then an MLP; SigLIP).
+        pool_n_heads: attention pooling's heads (of width d_model / pool_n_heads); 0 (the default)
+            means ``n_heads`` (Perception Encoder pools with 8 heads whatever its blocks use).
         pool_include_prefix: whether avg / max / avgmax / map pooling reads the prefix tokens too
             (timm's ``pool_include_prefix``; default: patch tokens only).
         norm: every normalisation layer's kind, "layer_norm" or "rms_norm" (timm's ``RmsNorm``:
@@ -119,6 +121,7 @@ class ViTConfig:
     final_norm: Literal["tokens", "pooled", "none"] = "tokens"
     pooling: Literal["token", "avg", "max", "avgmax", "distilled", "token_avg", "map", "none"] = "token"
     pool_include_prefix: bool = False
+    pool_n_heads: int = 0
     norm: Literal["layer_norm", "rms_norm"] = "layer_norm"
     layer_scale: bool = False
     qkv_bias: bool = True
@@ -187,6 +190,8 @@ class ViTConfig:
             raise ValueError("attn_only_layer_scale=True needs layer_scale=True")
         if self.dynamic_img_size and (self.rotary != "none" or self.stem_channels):
             raise ValueError("dynamic_img_size=True with rotary position embeddings or a CNN stem is not supported")
+        if self.pool_n_heads < 0 or (self.pool_n_heads and self.d_model % self.pool_n_heads):
+            raise ValueError(f"pool_n_heads must be 0 (n_heads) or divide d_model {self.d_model}, got {self.pool_n_heads}")
         if self.parallel_attn_mlp and self.post_norm:
             raise ValueError("parallel_attn_mlp=True and post_norm=True cannot be combined")
         if self.stem_channels < 0 or any(s < 1 or p % s for s, p in zip(self.stem_stride, self.patch_size)):

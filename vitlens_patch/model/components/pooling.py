@@ -25,22 +25,25 @@ class AttentionPool(nn.Module):
     mlp(ln(attn_out))`` [batch, d_model], as timm's ``AttentionPoolLatent`` (latent length 1) and
     HF's ``SiglipMultiheadAttentionPoolingHead``. The keys are the patch tokens, or every token
     when ``cfg.pool_include_prefix``. Weights follow ``Attention``: W_Q, W_K, W_V
-    [head, d_model, d_head], W_O [head, d_head, d_model]; every projection has a bias and the MLP
+    [head, d_model, d_head], W_O [head, d_head, d_model], with ``cfg.pool_n_heads`` heads (default
+    ``n_heads``) of width ``d_model / head``; every projection has a bias and the MLP
     is a plain (ungated) one with biases, whatever the blocks use.
     """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
-        shape = (cfg.n_heads, cfg.d_model, cfg.d_head)
+        self.n_heads = cfg.pool_n_heads or cfg.n_heads
+        self.d_head = cfg.d_model // self.n_heads
+        shape = (self.n_heads, cfg.d_model, self.d_head)
         self.W_latent = nn.Parameter(torch.empty(1, cfg.d_model))
         self.W_Q = nn.Parameter(torch.empty(shape))
         self.W_K = nn.Parameter(torch.empty(shape))
         self.W_V = nn.Parameter(torch.empty(shape))
-        self.W_O = nn.Parameter(torch.empty(cfg.n_heads, cfg.d_head, cfg.d_model))
-        self.b_Q = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
-        self.b_K = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
-        self.b_V = nn.Parameter(torch.zeros(cfg.n_heads, cfg.d_head))
+        self.W_O = nn.Parameter(torch.empty(self.n_heads, self.d_head, cfg.d_model))
+        self.b_Q = nn.Parameter(torch.zeros(self.n_heads, self.d_head))
+        self.b_K = nn.Parameter(torch.zeros(self.n_heads, self.d_head))
+        self.b_V = nn.Parameter(torch.zeros(self.n_heads, self.d_head))
         self.b_O = nn.Parameter(torch.zeros(cfg.d_model))
         self.ln = make_norm(cfg, cfg.d_model)
         self.fused_attn = True  # False: always materialise the pattern (timm's switch of that name)
@@ -69,7 +72,7 @@ class AttentionPool(nn.Module):
         # [batch, pos, head, d_head] -> [batch, head, pos, d_head] for the attention kernels
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if not self.fused_attn or is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern):
-            scores = self.hook_attn_scores((q * self.cfg.d_head**-0.5) @ k.transpose(-2, -1))
+            scores = self.hook_attn_scores((q * self.d_head**-0.5) @ k.transpose(-2, -1))
             z = self.hook_pattern(scores.softmax(dim=-1)) @ v
         else:
             z = F.scaled_dot_product_attention(q, k, v)
