@@ -264,6 +264,14 @@ def test_bf16_engine_agrees_with_float32():
     assert not torch.equal(full.effects, low.effects)  # bf16 did run
 
 
+def test_bf16_autocast_keeps_the_logits_float32(tiny_model, tiny_pair):
+    clean, _ = tiny_pair
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = tiny_model(clean)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, tiny_model(clean).detach(), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(method="atp"), r"method must be one of \('exact', 'attribution'\), got 'atp'"),
     (dict(verify_top_k=5), "verify_top_k must be None or, with method='attribution', a positive int; got 5 with method='exact'"),

@@ -294,7 +294,14 @@ class HookedViT(HookedRootModule):
             raise ValueError(f"stop_at_layer ({stop}) must be >= start_at_layer ({start})")
         for block in self.blocks[start:stop]:
             resid = block(resid)
-        return resid if stop_at_layer is not None else self.forward_head(resid)
+        if stop_at_layer is not None:
+            return resid
+        if torch.is_autocast_enabled(resid.device.type):
+            # Under autocast (bf16 patching) the head runs in float32: every score is computed
+            # from the logits, and bf16 logits (8-bit mantissa) would bury small effects.
+            with torch.autocast(resid.device.type, enabled=False):
+                return self.forward_head(resid.float())
+        return self.forward_head(resid)
 
     def run_with_cache(self, *model_args, return_cache_object: bool = True, **kwargs):
         """Run and cache activations: (output, ActivationCache) so ``cache["resid_post", 3]`` works.

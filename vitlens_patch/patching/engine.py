@@ -106,7 +106,8 @@ LOW_PRECISION = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16, torch.float1
 def precision(model: HookedViT, dtype: torch.dtype | None) -> AbstractContextManager:
     """The context a pass runs in for ``dtype``: None or the model's dtype -> as is; a lower
     precision (``LOW_PRECISION`` per device type) -> ``torch.autocast``: matmuls and attention
-    in ``dtype``, while the residual stream (sums with float32 inputs), LayerNorm statistics,
+    in ``dtype``, while the residual stream (sums with float32 inputs), the head (HookedViT runs it
+    in float32 under autocast, so the logits keep float32 precision), LayerNorm statistics,
     softmax-based scores and the engine's score accumulation stay float32. Never a default:
     on CPUs without native bf16 (no AVX512-BF16 / AMX) bf16 is slower than float32."""
     if dtype is None or dtype == model.dtype:
