@@ -6,6 +6,7 @@ Public names are imported lazily, so ``import vitlens_patch`` stays fast.
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -53,3 +54,10 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return __all__
+
+
+if "ipykernel" in sys.modules:
+    # in Jupyter, figures also render in exported notebooks (vitlens_patch.plots.notebook)
+    from vitlens_patch.plots.notebook import activate_in_notebooks
+
+    activate_in_notebooks()
