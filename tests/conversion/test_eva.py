@@ -43,7 +43,8 @@ FAMILIES = {
     "eva_clip_post_norm_blocks": dict(use_post_norm=True, global_pool="token"),
     "perception_encoder_map_pool": dict(global_pool="map", attn_type="rope", use_rot_pos_emb=True, use_pre_transformer_norm=True),
     "headless_map_pool_no_class_token": dict(global_pool="map", class_token=False, num_classes=0),
-    "perception_encoder_pool_heads_differ": dict(global_pool="map", attn_pool_num_heads=1),
+    "perception_encoder_pool_heads_and_mlp_differ": dict(global_pool="map", attn_pool_num_heads=1,
+                                                          attn_pool_mlp_ratio=2.0),
 }
 
 
@@ -152,7 +153,7 @@ def test_caap_on_eva_equals_per_patch_reference():
 
 
 UNSUPPORTED = [
-    (lambda: tiny_eva(global_pool="map", swiglu_mlp=True), "pooling MLP of another width or activation"),
+    (lambda: tiny_eva(global_pool="map", swiglu_mlp=True), "pooling MLP of another activation"),
     (lambda: tiny_eva(norm_layer=timm.layers.BatchNormAct2d), "normalisation BatchNormAct2d"),
     (lambda: tiny_eva(dynamic_img_pad=True), "Eva patch embedding PatchEmbed with these options"),
 ]

@@ -77,11 +77,8 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     mlp_fields = timm_mlp_fields(mlp, "blocks.0.mlp")
     if (attn.proj.bias is not None) != mlp_fields["proj_bias"]:
         raise NotImplementedError("attention projection and MLP with different bias settings are not supported")
-    if model.attn_pool is not None and (
-        model.attn_pool.mlp.fc1.out_features != mlp_fields["d_mlp"]
-        or activation_name(model.attn_pool.mlp.act) != mlp_fields["activation"]
-    ):
-        raise NotImplementedError("attn_pool: a pooling MLP of another width or activation than the blocks' is not supported")
+    if model.attn_pool is not None and activation_name(model.attn_pool.mlp.act) != mlp_fields["activation"]:
+        raise NotImplementedError("attn_pool: a pooling MLP of another activation than the blocks' is not supported")
     if attn.qkv is not None:
         qkv_bias = (attn.q_bias is not None) if type(attn) is EvaAttention else (attn.qkv.bias is not None)
     else:
@@ -106,6 +103,7 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
         pooling=model.global_pool or "none",
         pool_include_prefix=model.attn_pool is not None,  # Eva's attention pooling reads every token
         pool_n_heads=model.attn_pool.num_heads if model.attn_pool is not None else 0,  # PE core: 8
+        pool_d_mlp=model.attn_pool.mlp.fc1.out_features if model.attn_pool is not None else 0,  # PE core G: 4x
         layer_scale=gamma_1 is not None,
         attn_only_layer_scale=gamma_1 is not None and gamma_2 is None,
         post_norm=type(first) is EvaBlockPostNorm,

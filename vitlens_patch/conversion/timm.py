@@ -162,6 +162,7 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         pooling="distilled" if distilled else (model.global_pool or "none"),
         pool_include_prefix=bool(model.pool_include_prefix) and model.global_pool not in ("token", ""),
         pool_n_heads=model.attn_pool.num_heads if model.attn_pool is not None else 0,
+        pool_d_mlp=model.attn_pool.mlp.fc1.out_features if model.attn_pool is not None else 0,
         norm=norm,
         eps=eps,
         dynamic_img_size=bool(model.dynamic_img_size),

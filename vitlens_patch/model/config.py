@@ -53,6 +53,7 @@ class ViTConfig:
             pooling: a learned query attends over the tokens, then an MLP; SigLIP).
         pool_n_heads: attention pooling's heads (of width d_model / pool_n_heads); 0 (the default)
             means ``n_heads`` (Perception Encoder pools with 8 heads whatever its blocks use).
+        pool_d_mlp: attention pooling's MLP width; 0 (the default) means ``d_mlp``.
         pool_include_prefix: whether avg / max / avgmax / map pooling reads the prefix tokens too
             (timm's ``pool_include_prefix``; default: patch tokens only).
         norm: every normalisation layer's kind, "layer_norm" or "rms_norm" (timm's ``RmsNorm``:
@@ -122,6 +123,7 @@ class ViTConfig:
     pooling: Literal["token", "avg", "max", "avgmax", "distilled", "token_avg", "map", "none"] = "token"
     pool_include_prefix: bool = False
     pool_n_heads: int = 0
+    pool_d_mlp: int = 0
     norm: Literal["layer_norm", "rms_norm"] = "layer_norm"
     layer_scale: bool = False
     qkv_bias: bool = True
@@ -190,6 +192,8 @@ class ViTConfig:
             raise ValueError("attn_only_layer_scale=True needs layer_scale=True")
         if self.dynamic_img_size and (self.rotary != "none" or self.stem_channels):
             raise ValueError("dynamic_img_size=True with rotary position embeddings or a CNN stem is not supported")
+        if self.pool_d_mlp < 0:
+            raise ValueError(f"pool_d_mlp must be 0 (d_mlp) or positive, got {self.pool_d_mlp}")
         if self.pool_n_heads < 0 or (self.pool_n_heads and self.d_model % self.pool_n_heads):
             raise ValueError(f"pool_n_heads must be 0 (n_heads) or divide d_model {self.d_model}, got {self.pool_n_heads}")
         if self.parallel_attn_mlp and self.post_norm:

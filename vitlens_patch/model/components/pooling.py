@@ -27,7 +27,8 @@ class AttentionPool(nn.Module):
     when ``cfg.pool_include_prefix``. Weights follow ``Attention``: W_Q, W_K, W_V
     [head, d_model, d_head], W_O [head, d_head, d_model], with ``cfg.pool_n_heads`` heads (default
     ``n_heads``) of width ``d_model / head``; every projection has a bias and the MLP
-    is a plain (ungated) one with biases, whatever the blocks use.
+    is a plain (ungated) one with biases, whatever the blocks use, ``cfg.pool_d_mlp`` wide (default
+    ``d_mlp``).
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -47,7 +48,8 @@ class AttentionPool(nn.Module):
         self.b_O = nn.Parameter(torch.zeros(cfg.d_model))
         self.ln = make_norm(cfg, cfg.d_model)
         self.fused_attn = True  # False: always materialise the pattern (timm's switch of that name)
-        self.mlp = MLP(dataclasses.replace(cfg, proj_bias=True, gated_mlp=False, mlp_norm=False))
+        self.mlp = MLP(dataclasses.replace(cfg, proj_bias=True, gated_mlp=False, mlp_norm=False,
+                                           d_mlp=cfg.pool_d_mlp or cfg.d_mlp))
         self.hook_q = HookPoint()  # [batch, 1, head, d_head]: the latent's query
         self.hook_k = HookPoint()  # [batch, key_pos, head, d_head]
         self.hook_v = HookPoint()  # [batch, key_pos, head, d_head]
