@@ -15,22 +15,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once(fn: Callable[[], object], device: torch.device) -> float:
+def time_once(fn: Callable[[], object], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function, run in turn so machine noise hits all alike."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    """Median seconds per call of each function, run in turn so machine noise hits all alike.
+    ``clock``: wall time (default), or e.g. ``time.thread_time`` for CPU time on one thread."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(time_once(fn, device))
+            times[name].append(time_once(fn, device, clock))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

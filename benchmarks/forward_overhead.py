@@ -1,6 +1,6 @@
 """HookedViT (no hooks) vs the timm original with the same weights: forward time ratio per family.
 
-    python benchmarks/forward_overhead.py [--batch 8] [--repeats 15] [--models vit_b16 siglip_b16]
+    python benchmarks/forward_overhead.py [--batch 8] [--repeats 15] [--models vit_b16 siglip_b16] [--clock cpu]
 
 Random weights, float32, CPU by default, batch 8 at 224x224: ViT-B/16, DINOv2-S with 4 registers,
 EVA-02-S (rotary embeddings, SwiGLU, sub-LN) and SigLIP-B/16 (attention pooling). Each pair runs
@@ -15,6 +15,7 @@ import argparse
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import timm
@@ -52,11 +53,21 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or CPU time of one thread (torch runs single-threaded): the ratio "
+                             "that holds on a machine shared with other jobs")
     args = parser.parse_args()
     device = torch.device(args.device)
+    clock = time.perf_counter
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            parser.error("--clock cpu needs --device cpu")
+        torch.set_num_threads(1)
+        clock = time.thread_time
     print(f"CPU {cpu_model()}, torch {torch.__version__}, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, device {device}, "
-          f"batch {args.batch}, {args.img_size}x{args.img_size}, {args.repeats} interleaved repeats (median)")
+          f"batch {args.batch}, {args.img_size}x{args.img_size}, {args.repeats} interleaved repeats (median), "
+          f"{args.clock} clock")
     ratios = {}
     for label in args.models:
         name, description = MODELS[label]
@@ -68,7 +79,7 @@ def main() -> None:
             expected = timm_model(images)
             error = ((hooked(images) - expected).abs().max() / expected.abs().max()).item()
             medians = interleaved_medians(
-                {"timm": lambda: timm_model(images), "HookedViT": lambda: hooked(images)}, args.repeats, device
+                {"timm": lambda: timm_model(images), "HookedViT": lambda: hooked(images)}, args.repeats, device, clock
             )
         ratios[label] = medians["HookedViT"] / medians["timm"]
         print(f"{description:28s} timm {medians['timm'] * 1e3:8.1f} ms  HookedViT {medians['HookedViT'] * 1e3:8.1f} ms  "
