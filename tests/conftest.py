@@ -3,14 +3,31 @@
 import os
 from pathlib import Path
 
+import jaxtyping
 import pytest
 import timm
 import torch
 
-from vitlens_patch.model import HookedViT
+# Runtime shape and type checks on every vitlens_patch function and dataclass (jaxtyping + beartype),
+# installed before the package is first imported: VITLENS_SHAPE_CHECKS=1 turns them on. Off by
+# default until the code landed after 17:30 (e.g. conversion.timm.split_attention_heads) passes them.
+if os.environ.get("VITLENS_SHAPE_CHECKS", "0") == "1":
+    # is_pep484_tower: an int is a valid float, as PEP 484 says
+    jaxtyping.install_import_hook("vitlens_patch", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
+
+from vitlens_patch.model import HookedViT  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one thread per xdist worker: no oversubscription on 2 cores
+
+
+@pytest.fixture
+def without_type_checks():
+    """Switch the runtime checks off, for tests that pass a wrongly typed argument on purpose to
+    check the package's own ``ValueError`` (what a user without the checks sees)."""
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 def tiny_timm_vit(**overrides) -> torch.nn.Module:

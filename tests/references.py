@@ -17,10 +17,11 @@ def caap_per_patch_reference(
     *,
     layers: tuple[int, int] | None = None,
     context="blur",
+    target: int | None = None,
 ) -> Float[Tensor, "batch grid_h grid_w"]:
-    """CAAP (logit score, predicted class) the slow, plain way: one full forward pass per (image,
-    patch), with hooks inserting the source activations. For checking
-    :func:`vitlens_patch.attribution.caap.caap` and timing it."""
+    """CAAP (logit score; the ``target`` class, by default the predicted one) the slow, plain way:
+    one full forward pass per (image, patch), with hooks inserting the source activations. For
+    checking :func:`vitlens_patch.attribution.caap.caap` and timing it."""
     cfg = model.cfg
     start, stop = check_block_range(layers, cfg.n_layers)
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(start, stop)]
@@ -28,7 +29,7 @@ def caap_per_patch_reference(
     maps = torch.empty(len(images), cfg.n_patches)
     with torch.no_grad():
         source_logits, source = model.run_with_cache(images, names_filter=lambda name: name in names)
-        target = source_logits.argmax(-1)
+        target = source_logits.argmax(-1) if target is None else torch.full((len(images),), target)
         context_logit = model(contexts).gather(1, target[:, None])[:, 0]
         for i in range(len(images)):
             for patch in range(cfg.n_patches):

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from scipy import stats
 
 from tests.conftest import tiny_timm_vit
-from vitlens_patch.attribution import AttentionRollout, RandomAttribution
+from vitlens_patch.attribution import AttentionRollout, RandomAttribution, get_attributor
 from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.evaluation import METRICS, EvaluationResult, EvaluationSet, evaluate
 from vitlens_patch.metrics import (
@@ -131,11 +131,16 @@ def test_batch_size_does_not_change_the_scores(model, data, result):
 
 
 def test_predicted_target_explains_and_scores_the_models_class(model, data):
-    result = evaluate(["rollout"], model, data, ["deletion"], target="predicted", progress=False)
-    maps = AttentionRollout(model).attribute(data.images)
-    expected = deletion_auc(model, data.images, maps, None, progress=False)
-    torch.testing.assert_close(scores_of(result, "rollout", "deletion"), expected.double())
-    assert result.canvas_maps == {} and list(result.maps) == ["rollout"]
+    predicted = model(data.images).argmax(-1)
+    assert (predicted != data.labels).any()  # else the two targets could not be told apart
+    result = evaluate(["occlusion"], model, data, ["deletion"], target="predicted", progress=False)
+    occlusion = get_attributor("occlusion", model, progress=False)  # a method whose map depends on the target
+    maps = occlusion.attribute(data.images, predicted)
+    torch.testing.assert_close(result.maps["occlusion"], maps)
+    assert not torch.allclose(occlusion.attribute(data.images, data.labels), maps)
+    expected = deletion_auc(model, data.images, maps, predicted, progress=False)
+    torch.testing.assert_close(scores_of(result, "occlusion", "deletion"), expected.double())
+    assert result.canvas_maps == {} and list(result.maps) == ["occlusion"]
 
 
 def test_named_methods_and_their_options(model, data):
@@ -316,6 +321,7 @@ BAD_ARGUMENTS = {
 
 
 @pytest.mark.parametrize("case", BAD_ARGUMENTS)
+@pytest.mark.usefixtures("without_type_checks")
 def test_evaluate_rejects_bad_inputs(model, data, case):
     arguments, message = BAD_ARGUMENTS[case]
     kwargs = {"dataset": data, **arguments(model, data)}
@@ -323,6 +329,7 @@ def test_evaluate_rejects_bad_inputs(model, data, case):
         evaluate(kwargs.pop("methods"), model, kwargs.pop("dataset"), progress=False, **kwargs)
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_evaluation_set_rejects_bad_inputs(model, source, data):
     with pytest.raises(ValueError, match="canvas_images and masks must be given together"):
         EvaluationSet(data.images, data.labels, canvas_images=data.canvas_images)

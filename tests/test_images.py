@@ -144,6 +144,7 @@ def test_every_consumer_gives_each_word_the_meaning_of_fill_images(consumer, wor
 
 
 @pytest.mark.parametrize("consumer", CONSUMERS)
+@pytest.mark.usefixtures("without_type_checks")
 def test_every_consumer_refuses_an_unknown_fill_by_its_argument_name(consumer, tiny_model, tiny_images):
     run, _ = CONSUMERS[consumer]
     argument = consumer.split()[-1]

@@ -77,6 +77,7 @@ def test_report_is_valid_self_contained_html():
     assert "<td>0.1235</td>" in page and 'href="#section-1"' in page
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_report_rejects_anything_but_sections():
     with pytest.raises(ValueError, match="sections must hold Section objects, got str"):
         build_report(["not a section"])

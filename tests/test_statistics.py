@@ -41,6 +41,7 @@ def test_wilson_interval_broadcasts_and_is_nan_without_trials():
     assert wider_low < low[0, 1] and wider_high > high[0, 1]
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_wilson_interval_rejects_bad_input():
     with pytest.raises(ValueError, match=r"confidence must be a number in \(0, 1\), got 95"):
         wilson_interval(1, 2, 95)

@@ -13,9 +13,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-Target = Union[int, Int[Tensor, " batch"], None]
-"""A class to explain or score: None (each image's predicted class), an int for every image, or a
-LongTensor [batch]."""
+Target = Union[int, Int[Tensor, " batch"], Int[Tensor, ""], None]
+"""A class to explain or score: None (each image's predicted class), an int (or a 0-d integer
+tensor) for every image, or a LongTensor [batch]."""
 
 
 def describe(value: object) -> str:
@@ -82,7 +82,7 @@ def check_images(
 
 
 def check_target(
-    target: Target, batch: int, n_classes: int, device: torch.device | str | None = None
+    target: object, batch: int, n_classes: int, device: torch.device | str | None = None
 ) -> Int[Tensor, " batch"] | None:
     """``target`` as a LongTensor [batch] of class indices, or None.
 

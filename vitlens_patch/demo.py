@@ -38,9 +38,9 @@ SectionBuilder = Callable[[HookedViT, LabelledImages], Sequence[Section]]
 
 
 def _image_grid(
-    pixels: Float[Tensor, "image channel height width"], titles: Sequence[str], *, columns: int, title: str
+    pixels: Float[Tensor, "batch channel height width"], titles: Sequence[str], *, columns: int, title: str
 ) -> go.Figure:
-    """Images [image, channel, height, width] in [0, 1] as a grid of titled panels."""
+    """Images [batch, channel, height, width] in [0, 1] as a grid of titled panels."""
     rgb = rearrange(pixels.clamp(0, 1).cpu() * 255, "image channel height width -> image height width channel")
     figure = px.imshow(rgb.round().byte().numpy(), facet_col=0, facet_col_wrap=columns)
     # facet titles read "facet_col=<i>"

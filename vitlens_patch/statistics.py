@@ -8,12 +8,13 @@ hits, accuracy) uses :func:`wilson_interval`, which stays inside [0, 1] and has 
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 from vitlens_patch.checks import check_probability
 
 
-def student_t_half_width(sd: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
+def student_t_half_width(sd: ArrayLike, n: ArrayLike, confidence: float) -> np.ndarray:
     """Half-width ``t * sd / sqrt(n)`` of the Student-t confidence interval of a mean.
 
     ``t`` is the ``(1 + confidence) / 2`` quantile of Student's t with ``n - 1`` degrees of freedom
@@ -30,7 +31,7 @@ def student_t_half_width(sd: np.ndarray, n: np.ndarray, confidence: float) -> np
 
 
 def wilson_interval(
-    successes: np.ndarray, n: np.ndarray, confidence: float
+    successes: ArrayLike, n: ArrayLike, confidence: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval ``(low, high)`` of a proportion: ``successes`` out of ``n`` trials.
 

@@ -39,6 +39,7 @@ def test_rollout_of_uniform_attention_is_flat(tiny_model, tiny_images):
     torch.testing.assert_close(maps, maps.flatten()[0].expand_as(maps))
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_rollout_rejects_unknown_head_fusion(tiny_model):
     with pytest.raises(ValueError, match=r"head_fusion must be one of \('mean', 'max', 'min'\), got 'sum'"):
         AttentionRollout(tiny_model, head_fusion="sum")

@@ -37,6 +37,7 @@ def test_capabilities_default_to_a_target_specific_forward_only_method(tiny_mode
      r"images must be a float tensor .*normalised model inputs.* got torch.uint8"),
     ([[0.0]], "images must be a float tensor .* got list"),
 ])
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_images_are_rejected(images, message, rollout):
     with pytest.raises(ValueError, match=message):
         rollout.attribute(images)
@@ -51,6 +52,7 @@ def test_bad_images_are_rejected(images, message, rollout):
     (True, "target must be None, an int or an integer tensor"),
     ("cat", "target must be None, an int or an integer tensor"),
 ])
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_targets_are_rejected(target, message, tiny_model, tiny_images):
     with pytest.raises(ValueError, match=message):
         get_attributor("occlusion", tiny_model, progress=False).attribute(tiny_images, target)
@@ -64,11 +66,13 @@ def test_bad_targets_are_rejected(target, message, tiny_model, tiny_images):
     ({"score": ("logit_diff", torch.tensor([1, 2, 3]))},
      r"score \('logit_diff', other_class\) needs an int other_class here, got a tensor of shape \(3,\)"),
 ])
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_options_are_rejected(options, message, tiny_model):
     with pytest.raises(ValueError, match=message):
         get_attributor("occlusion", tiny_model, **options)
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_model_must_be_a_hooked_vit(tiny_model):
     timm_like = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="model must be a HookedViT, got Linear"):
@@ -92,6 +96,7 @@ def test_upsample_keeps_constant_maps_constant(mode):
     torch.testing.assert_close(upsampled, torch.full((2, 32, 32), 0.7))
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_upsample_rejects_unknown_modes():
     with pytest.raises(ValueError, match=r"mode must be one of \('bilinear', 'bicubic'\), got 'area'"):
         upsample_maps(torch.zeros(1, 2, 2), (4, 4), "area")

@@ -105,7 +105,17 @@ def test_caap_is_registered_attributor(model, images):
     assert torch.allclose(attributor.attribute(images), caap(model, images, layers=(1, 3), progress=False), atol=1e-6)
 
 
-def test_prob_score_and_explicit_target(model, images):
+def test_explicit_target_is_the_class_explained(model, images):
+    predicted = model(images).argmax(-1)
+    target = next(c for c in range(model.cfg.n_classes) if not (predicted == c).any())  # no image's prediction
+    maps = caap(model, images, layers=(1, 3), target=target, progress=False)
+    expected = caap_per_patch_reference(model, images, layers=(1, 3), target=target)
+    assert (maps - expected).abs().max() <= 1e-4
+    predicted_maps = caap(model, images, layers=(1, 3), progress=False)
+    assert (maps - predicted_maps).abs().max() > 1e-3
+
+
+def test_prob_score_maps_are_probability_differences(model, images):
     maps = caap(model, images, score="prob", target=2, progress=False)
     assert maps.abs().max() <= 1
 
@@ -123,6 +133,7 @@ def test_prob_score_and_explicit_target(model, images):
         (dict(target=11), r"target must hold class indices in \[0, 9\], got \[11\]"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_arguments_raise_value_error(model, images, kwargs, message):
     with pytest.raises(ValueError, match=message):
         caap(model, images, progress=False, **kwargs)

@@ -87,6 +87,7 @@ def test_integrated_gradients_match_occlusion_on_a_patch_linear_model(tiny_image
     ({"n_steps": 0}, "n_steps must be a positive int, got 0"),
     ({"method": "simpson"}, r"method must be one of \('gausslegendre', .*\), got 'simpson'"),
 ])
+@pytest.mark.usefixtures("without_type_checks")
 def test_integrated_gradients_reject_bad_options(options, message, tiny_model):
     with pytest.raises(ValueError, match=message):
         IntegratedGradients(tiny_model, **options)

@@ -47,6 +47,7 @@ def test_occlusion_uses_the_chosen_score(score, tiny_model, tiny_images):
     torch.testing.assert_close(maps[:, 0, 0], to_score(probs[0]) - to_score(probs[1]), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_occlusion_rejects_unknown_fills(tiny_model):
     with pytest.raises(ValueError, match=r"fill must be one of \('zeros', 'mean', 'blur'\) or a tensor of normalised model input, got 'noise'"):
         Occlusion(tiny_model, fill="noise")

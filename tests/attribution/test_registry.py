@@ -148,6 +148,7 @@ def test_register_attributor_makes_a_method_available(clean_registry, tiny_model
     ("thing", object, "cls must be an Attributor subclass"),
     ("thing", "vitlens_patch.attribution.caap:CAAP", "cls must be an Attributor subclass"),
 ])
+@pytest.mark.usefixtures("without_type_checks")
 def test_register_attributor_rejects_bad_input(name, cls, message, clean_registry):
     with pytest.raises(ValueError, match=message):
         register_attributor(name, cls)

@@ -203,12 +203,14 @@ def test_hf_vit_config_not_implemented(config, message):
      lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY))],
     ids=["vit_model", "deit_distilled"],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_hf_vit_other_architectures_not_implemented(build):
     model = build()
     with pytest.raises(NotImplementedError, match=f"{type(model).__name__} is not supported"):
         timm_model_from_hf(model)
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_hf_vit_model_or_name_type():
     with pytest.raises(ValueError, match="model_or_name must be a ViTForImageClassification, .* got int"):
         timm_model_from_hf(3)

@@ -67,6 +67,7 @@ def test_relpos_registry_models_by_name(name):
     assert_timm_parity(model, torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_relpos_state_dict_conversion_is_strict():
     model = tiny_relpos()
     cfg = config_from_timm(model)

@@ -25,6 +25,7 @@ def test_n_per_class_keeps_the_first_images_of_each_class():
 
 
 @pytest.mark.parametrize("n_per_class", [0, 11, 2.5])
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_n_per_class_is_rejected(n_per_class):
     with pytest.raises(ValueError, match=r"n_per_class must be an int in \[1, 10\]"):
         load_sample(n_per_class)

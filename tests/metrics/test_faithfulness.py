@@ -245,6 +245,7 @@ def test_pixel_maps_are_pooled_to_the_model_patch_grid(tiny_model, tiny_images):
         (dict(maps=torch.zeros(3, HEIGHT, WIDTH)), "unit='patch' with pixel maps needs .*model.cfg.grid_size"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_inputs_raise(images, patch_maps, change, message):
     model = LinearModel()
     arguments = dict(images=images, maps=patch_maps, target=0, mode="deletion", baseline="zeros",
@@ -294,6 +295,7 @@ def test_token_deletion_pools_pixel_maps(tiny_model, tiny_images):
     )
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_token_deletion_bad_inputs_raise(tiny_model, tiny_images):
     maps = torch.rand(3, 4, 4)
     with pytest.raises(ValueError, match="order must be 'most' or 'least', got 'middle'"):

@@ -83,6 +83,7 @@ def test_maps_finer_than_masks_are_mean_pooled():
         (torch.zeros(1, 2, 3), box_mask(0, 0, 4, 4).float(), "masks must be a bool tensor .*got torch.float32"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_aupr_bad_inputs_raise(maps, masks, message):
     with pytest.raises(ValueError, match=message):
         localization_aupr(maps, masks)
@@ -159,6 +160,7 @@ def test_boxes_to_masks_rejects_bad_boxes(boxes):
         boxes_to_masks(boxes, (HEIGHT, WIDTH))
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_boxes_to_masks_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"boxes must be a tensor \[batch, 4\] .*got \(4,\)"):
         boxes_to_masks(torch.tensor([0.0, 0.0, 4.0, 4.0]), (HEIGHT, WIDTH))

@@ -86,6 +86,7 @@ def test_head_on_tokens_of_a_global_pool_none_backbone(images):
         (nn.Sequential(nn.Linear(32, 5), nn.Unflatten(1, (5, 1))), r"got \(1, 5, 1\)"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_with_head_rejects_bad_heads(backbone, head, message):
     if message is None:  # an identity "head" is a valid 32-class classifier
         assert backbone.with_head(head).cfg.n_classes == 32
@@ -122,6 +123,7 @@ def test_zero_shot_head_keeps_clip_projection(images):
         (dict(text_embeddings=torch.zeros(0, 32)), "n_classes >= 1"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_zero_shot_head_rejects_bad_text_embeddings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ZeroShotHead(logit_scale=1.0, **kwargs)

@@ -129,6 +129,7 @@ def test_bfloat16_follows_the_model(tiny_model, tiny_images):
         ("not a tensor", "got 'not a tensor'"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_images_raise_value_error(tiny_model, images, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(images)
@@ -200,6 +201,7 @@ def test_preprocess_accepts_pil_uint8_and_float():
         model.preprocess(torch.randn(1, 3, 32, 32) * 5)
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_config_rejects_inconsistent_architecture():
     with pytest.raises(ValueError, match="at least patch_size"):
         ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, img_size=6, patch_size=8)

@@ -196,6 +196,7 @@ def test_batches_give_the_same_estimate(linear_head_model, images):
     (dict(cells=[[Site("hook_embed")]]), "hook_name must be a block hook of this model"),
     (dict(target=[1, 2]), r"target must be None, an int or an integer tensor of shape \[batch\] = \[3\], got list"),
 ])
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_input_is_rejected(linear_head_model, images, options, message):
     clean, corrupted = images
     options = dict(cells=[[Site("blocks.0.hook_attn_out")]]) | options
@@ -279,6 +280,7 @@ def test_bf16_autocast_keeps_the_logits_float32(tiny_model, tiny_pair):
     (dict(dtype=torch.float16), r"dtype must be None, the model's dtype \(torch.float32\) or, for a float32 model on cpu, one of \['torch.bfloat16'\]; got torch.float16"),
     (dict(dtype="bf16"), "dtype must be None, the model's dtype"),
 ])
+@pytest.mark.usefixtures("without_type_checks")
 def test_trace_rejects_bad_method_options(tiny_model, tiny_pair, options, message):
     clean, corrupted = tiny_pair
     with pytest.raises(ValueError, match=message):

@@ -55,6 +55,7 @@ def test_grayscale_needs_rgb():
         corrupt_grayscale(torch.zeros(1, 1, 32, 32), config)
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_images_must_match_data_config():
     with pytest.raises(ValueError, match=r"images must be a float tensor \[batch, 3, height, width\]"):
         corrupt_grayscale(torch.zeros(3, 32, 32), DATA_CONFIG)
@@ -157,6 +158,7 @@ def test_patches_accept_a_mask_per_image(pixels, images):
         (torch.zeros(3, 4, 4, dtype=torch.bool), {"patch_size": 8}, "must hold 2 masks"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_patches_reject_bad_arguments(images, patches, kwargs, message):
     with pytest.raises(ValueError, match=message):
         corrupt_patches(images, DATA_CONFIG, patches, **kwargs)

@@ -159,6 +159,7 @@ def test_load_rejects_another_format_version(tmp_path):
         ({"coords": {"layer": [0, 1]}}, r"coords\['layer'\] must have 3 labels, got 2"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_construction_is_validated(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_result(**overrides)

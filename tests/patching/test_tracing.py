@@ -130,11 +130,30 @@ def test_embedding_noise_style_hook_corruption(model, images):
     assert torch.allclose(result.normalized().effects, torch.ones(3, 4), atol=1e-4)
 
 
-def test_no_hook_survives_an_error(model, images):
-    clean, corrupted = images
-    with pytest.raises(ValueError):
-        trace_layers(model, clean, corrupted, score="nonsense", progress=False)
-    assert all(not hp._forward_hooks for hp in model.hook_dict.values())
+class FailingCorruption:
+    """A corruption hook that raises inside the corrupted run, while the engine's caching hooks are attached."""
+
+    calls = 0
+
+    def fail(self, act, hook):
+        self.calls += 1
+        raise RuntimeError("corruption failed inside a hook")
+
+    @property
+    def hook(self):
+        return ("blocks.0.hook_resid_mid", self.fail)
+
+
+@pytest.mark.parametrize("trace", [trace_layers, trace_grid, trace_heads])
+def test_no_hook_survives_an_error_inside_a_hook(model, images, trace):
+    clean, _ = images
+    corruption = FailingCorruption()
+    with pytest.raises(RuntimeError, match="corruption failed inside a hook"):
+        trace(model, clean, corruption, progress=False)
+    assert corruption.calls == 1
+    assert all(not hp.has_hooks("both", including_permanent=True) for hp in model.hook_dict.values())
+    assert all(not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+               for module in model.modules())
 
 
 @pytest.mark.parametrize(
@@ -151,6 +170,7 @@ def test_no_hook_survives_an_error(model, images):
         (dict(target=10), r"target must hold class indices in \[0, 9\], got \[10\]"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_arguments_raise_value_error(model, images, kwargs, message):
     clean, corrupted = images
     with pytest.raises(ValueError, match=message):

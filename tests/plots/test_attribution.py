@@ -54,6 +54,7 @@ def test_method_comparison_without_directions_or_reference():
     assert len(figure.layout.shapes) == 0
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_method_comparison_rejects_bad_tables():
     table = make_table()
     columns = r"table must have rows and columns \['method', 'metric', 'mean', 'ci_low', 'ci_high'\]"
@@ -100,6 +101,7 @@ def test_attribution_grid_has_a_row_per_image_and_a_column_per_method(tmp_path):
     assert path.stat().st_size > 0
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_attribution_grid_rejects_bad_inputs():
     images, maps = grid_inputs()
     wrong_count = r"maps_by_method\['patches'\] must be \[3, map_h, map_w\] with map sides dividing"
@@ -117,5 +119,5 @@ def test_attribution_grid_rejects_bad_inputs():
         plot_attribution_grid(images, maps, opacity=0)
     with pytest.raises(ValueError, match=r"image must hold \[0, 1\] pixels"):
         plot_attribution_grid(images * 2 - 1, maps)
-    with pytest.raises(ValueError, match=r"images must be a tensor \[image, channel, height, width\]"):
+    with pytest.raises(ValueError, match=r"images must be a tensor \[batch, channel, height, width\]"):
         plot_attribution_grid(images[0], maps)

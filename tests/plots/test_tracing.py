@@ -143,6 +143,7 @@ def test_patch_grid_without_image():
         ({"columns": 0}, "columns must be a positive int, got 0"),
     ],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_patch_grid_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         plot_patch_grid(position_result(), **kwargs)

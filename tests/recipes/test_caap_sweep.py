@@ -38,6 +38,7 @@ def test_default_ranges_are_about_a_dozen_on_the_quarter_points():
         default_sweep_ranges(0)
 
 
+@pytest.mark.usefixtures("without_type_checks")
 def test_cost_estimate_of_vit_s16_in_forward_passes():
     vit_s16 = SimpleNamespace(cfg=SimpleNamespace(n_layers=12, n_patches=196))
     # per image 1 target forward + per range: 2 full forwards, 196 partial ones from its start,

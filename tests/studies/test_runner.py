@@ -238,6 +238,7 @@ def test_stack_column_rejects_unknown_column(tmp_path):
     ],
     ids=["length", "ndim", "reserved", "not-a-dict"],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_measure_output_is_rejected(tmp_path, output, match):
     with pytest.raises(ValueError, match=match):
         run(study.make_dataset(4), tmp_path, lambda model, images, labels: output)
@@ -287,6 +288,7 @@ def test_model_fingerprint_follows_names_dtypes_and_values():
     ids=["batch_size", "large-index", "negative-index", "float-index", "not-dataset", "not-pairs",
          "settings"],
 )
+@pytest.mark.usefixtures("without_type_checks")
 def test_bad_arguments_are_rejected(tmp_path, dataset, kwargs, match):
     with pytest.raises(ValueError, match=match):
         run(study.make_dataset() if dataset is None else dataset, tmp_path, **kwargs)

@@ -72,9 +72,9 @@ class AttentionRollout(Attributor):
     ) -> Float[Tensor, "batch grid_h grid_w"]:
         cfg = self.model.cfg
         identity = torch.eye(cfg.n_pos, device=images.device, dtype=images.dtype)
-        maps = []
-        for batch in self._batches(len(images)):
-            rollout = identity.expand(len(images[batch]), -1, -1)
+
+        def rollout_batch(inputs: Tensor, batch_target: Tensor | None) -> Tensor:
+            rollout = identity.expand(len(inputs), -1, -1)
 
             # Multiply layer by layer inside the hook, so no full pattern stack is ever kept.
             def roll(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
@@ -84,9 +84,10 @@ class AttentionRollout(Attributor):
 
             hooks = [(name, roll) for name in pattern_hook_names(cfg.n_layers)]
             with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-                self.model(images[batch])
-            maps.append(read_patch_relevance(rollout, cfg))
-        return self._to_grid(torch.cat(maps))
+                self.model(inputs)
+            return read_patch_relevance(rollout, cfg)
+
+        return self._to_grid(self._per_batch(images, target, rollout_batch))
 
 
 class CheferAttention(Attributor):
@@ -110,19 +111,13 @@ class CheferAttention(Attributor):
     ) -> Float[Tensor, "batch grid_h grid_w"]:
         cfg = self.model.cfg
         identity = torch.eye(cfg.n_pos, device=images.device, dtype=images.dtype)
-        maps = []
-        for batch in self._batches(len(images)):
-            patterns: list[Tensor] = []
-            hooks = [(name, lambda pattern, hook: patterns.append(pattern))
-                     for name in pattern_hook_names(cfg.n_layers)]
-            with torch.enable_grad(), self.model.hooks(fwd_hooks=hooks):
-                # Inputs that require grad make the patterns differentiable even with frozen weights.
-                inputs = images[batch].detach().requires_grad_(True)
-                score = self._score(self.model(inputs), None if target is None else target[batch])
-                grads = torch.autograd.grad(score.sum(), patterns)
+
+        def chefer_batch(inputs: Tensor, batch_target: Tensor | None) -> Tensor:
+            patterns, grads = self._score_gradients(inputs, batch_target, pattern_hook_names(cfg.n_layers))
             relevance = identity.expand(len(inputs), -1, -1)
             for pattern, grad in zip(patterns, grads):
-                weighted = (grad * pattern.detach()).clamp(min=0).mean(dim=1)
+                weighted = (grad * pattern).clamp(min=0).mean(dim=1)
                 relevance = relevance + weighted @ relevance
-            maps.append(read_patch_relevance(relevance, cfg))
-        return self._to_grid(torch.cat(maps))
+            return read_patch_relevance(relevance, cfg)
+
+        return self._to_grid(self._per_batch(images, target, chefer_batch))

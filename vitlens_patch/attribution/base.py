@@ -7,7 +7,7 @@ image over the patch grid, [batch, grid_h, grid_w] (or [batch, height, width] wh
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -124,6 +124,35 @@ class Attributor:
         disable = not self.progress or len(starts) <= 1
         for start in tqdm(starts, desc=desc or type(self).__name__, disable=disable, leave=False):
             yield slice(start, min(start + self.batch_size, n_items))
+
+    def _per_batch(
+        self,
+        images: Float[Tensor, "batch channel height width"],
+        target: Int[Tensor, " batch"] | None,
+        attribute_batch: Callable[[Tensor, Tensor | None], Tensor],
+    ) -> Tensor:
+        """``attribute_batch(images, target)`` on chunks of ``batch_size`` images, concatenated."""
+        return torch.cat([
+            attribute_batch(images[batch], None if target is None else target[batch])
+            for batch in self._batches(len(images))
+        ])
+
+    def _score_gradients(
+        self,
+        images: Float[Tensor, "batch channel height width"],
+        target: Int[Tensor, " batch"] | None,
+        hook_names: list[str],
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        """One forward and backward pass: the activations at ``hook_names`` (in call order, detached)
+        and the gradient of the summed ``score`` with respect to each."""
+        stored: list[Tensor] = []
+        hooks = [(name, lambda activation, hook: stored.append(activation)) for name in hook_names]
+        with torch.enable_grad(), self.model.hooks(fwd_hooks=hooks):
+            # Inputs that require grad make the activations differentiable even with frozen weights.
+            inputs = images.detach().requires_grad_(True)
+            score = self._score(self.model(inputs), target)
+            grads = torch.autograd.grad(score.sum(), stored)
+        return [activation.detach() for activation in stored], grads
 
     def _score(
         self, logits: Float[Tensor, "batch n_classes"], target: Int[Tensor, " batch"] | None

@@ -46,27 +46,20 @@ class GradCAM(Attributor):
         self, images: Float[Tensor, "batch channel height width"], target: Int[Tensor, " batch"] | None
     ) -> Float[Tensor, "batch grid_h grid_w"]:
         cfg = self.model.cfg
-        maps = []
-        for batch in self._batches(len(images)):
-            stored: list[Tensor] = []
-            with torch.enable_grad(), self.model.hooks(
-                fwd_hooks=[(self.hook_name, lambda activation, hook: stored.append(activation))]
-            ):
-                # Inputs that require grad make the activations differentiable even with frozen weights.
-                inputs = images[batch].detach().requires_grad_(True)
-                score = self._score(self.model(inputs), None if target is None else target[batch])
-                (activation,) = stored
-                if activation.ndim != 3 or activation.shape[1] != cfg.n_pos:
-                    raise ValueError(
-                        f"hook_name must name a [batch, pos, d_model] hook point with pos = {cfg.n_pos}, "
-                        f"got {self.hook_name!r} with shape {tuple(activation.shape)}"
-                    )
-                (grad,) = torch.autograd.grad(score.sum(), activation)
-            activation = activation.detach()[:, cfg.n_prefix_tokens :]
+
+        def gradcam_batch(inputs: Tensor, batch_target: Tensor | None) -> Tensor:
+            (activation,), (grad,) = self._score_gradients(inputs, batch_target, [self.hook_name])
+            if activation.ndim != 3 or activation.shape[1] != cfg.n_pos:
+                raise ValueError(
+                    f"hook_name must name a [batch, pos, d_model] hook point with pos = {cfg.n_pos}, "
+                    f"got {self.hook_name!r} with shape {tuple(activation.shape)}"
+                )
+            activation = activation[:, cfg.n_prefix_tokens :]
             weights = grad[:, cfg.n_prefix_tokens :].mean(dim=1)  # [batch, d_model]
             cam = einsum(activation, weights, "batch patch d_model, batch d_model -> batch patch")
-            maps.append(cam.clamp(min=0))
-        return self._to_grid(torch.cat(maps))
+            return cam.clamp(min=0)
+
+        return self._to_grid(self._per_batch(images, target, gradcam_batch))
 
 
 class IntegratedGradients(Attributor):

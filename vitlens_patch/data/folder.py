@@ -118,7 +118,7 @@ def load_image_folder(path: str | Path, split: str | None = None) -> LabelledIma
 
 
 def select_per_class(
-    labels: Int[Tensor, " image"] | Sequence[int], n: int, *, seed: int | None = 0
+    labels: Int[Tensor, " batch"] | Sequence[int], n: int, *, seed: int | None = 0
 ) -> list[int]:
     """Pick ``n`` images of every class, deterministically: the ``indices`` of a balanced study.
 

@@ -23,9 +23,9 @@ class EvaluationSet:
     """The images an evaluation runs on.
 
     Attributes:
-        images: full-frame normalised model inputs [image, channel, height, width].
+        images: full-frame normalised model inputs [batch, channel, height, width].
         labels: int64 true classes [image].
-        canvas_images: optional canvas images, normalised model inputs [image, channel, height,
+        canvas_images: optional canvas images, normalised model inputs [batch, channel, height,
             width]: image i's object on a class-free background (needed by "aupr" and
             "pointing_game").
         masks: bool object masks of the canvas images [image, height, width]; given together with
@@ -35,12 +35,12 @@ class EvaluationSet:
         data_config: the normalisation of the images (``model.data_config``), for :meth:`pixels`.
     """
 
-    images: Float[Tensor, "image channel height width"]
-    labels: Int[Tensor, " image"]
-    canvas_images: Float[Tensor, "image channel height width"] | None = None
-    masks: Bool[Tensor, "image height width"] | None = None
+    images: Float[Tensor, "batch channel height width"]
+    labels: Int[Tensor, " batch"]
+    canvas_images: Float[Tensor, "batch channel height width"] | None = None
+    masks: Bool[Tensor, "batch height width"] | None = None
     class_names: tuple[str, ...] | None = None
-    source_indices: Int[Tensor, " image"] | None = None
+    source_indices: Int[Tensor, " batch"] | None = None
     data_config: DataConfig | None = None
 
     def __post_init__(self) -> None:
@@ -93,7 +93,7 @@ class EvaluationSet:
 
     def pixels(
         self, indices: Sequence[int] | slice | Tensor | None = None, *, canvas: bool = False
-    ) -> Float[Tensor, "image channel height width"]:
+    ) -> Float[Tensor, "batch channel height width"]:
         """Full-frame (or canvas) images at ``indices`` (default all) as [0, 1] pixels, for drawing."""
         if self.data_config is None:
             raise ValueError("pixels() needs the set's data_config (the normalisation of its images), got None")

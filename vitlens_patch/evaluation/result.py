@@ -35,7 +35,7 @@ class EvaluationResult:
         scores: long frame, one row per (method, metric, image): columns ``method``, ``metric``,
             ``image`` (position in the :class:`EvaluationSet`), ``label``, ``prediction`` (the
             model's class for the image kind the metric uses), ``value``.
-        maps: method -> maps on the full-frame images [image, map_h, map_w] (empty without a
+        maps: method -> maps on the full-frame images [batch, map_h, map_w] (empty without a
             faithfulness metric).
         canvas_maps: method -> maps on the canvas images (empty without a localization metric).
         settings: JSON-able settings of the run (methods with their options, metrics, target...).
@@ -148,7 +148,7 @@ class EvaluationResult:
 
     def select_maps(
         self, indices: Sequence[int] | slice | Tensor, *, canvas: bool = False
-    ) -> dict[str, Float[Tensor, "image map_h map_w"]]:
+    ) -> dict[str, Float[Tensor, "batch map_h map_w"]]:
         """Every method's maps of the images at ``indices``, for ``plot_attribution_grid``.
 
         Args:

@@ -88,7 +88,7 @@ def _check_logits(logits: Tensor, batch: int) -> Float[Tensor, "batch n_classes"
     return logits
 
 
-def _target_probs(logits: Tensor, target: Int[Tensor, "n"]) -> Float[Tensor, "n"]:
+def _target_probs(logits: Tensor, target: Int[Tensor, "batch"]) -> Float[Tensor, "batch"]:
     logits = _check_logits(logits, target.shape[0])
     return logits.softmax(dim=-1).gather(1, target[:, None]).squeeze(1)
 

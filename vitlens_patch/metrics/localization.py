@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from einops import reduce, repeat
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Real
 from torch import Tensor
 
 
@@ -84,7 +84,7 @@ def _check_masks(masks: Tensor) -> Bool[Tensor, "batch height width"]:
 
 
 def boxes_to_masks(
-    boxes: Float[Tensor, "batch 4"], size: tuple[int, int]
+    boxes: Real[Tensor, "batch 4"], size: tuple[int, int]
 ) -> Bool[Tensor, "batch height width"]:
     """Boxes ``(x_min, y_min, x_max, y_max)`` in pixels -> bool masks ``[batch, height, width]``.
 

@@ -109,8 +109,8 @@ class ViTConfig:
     d_model: int
     n_heads: int
     d_mlp: int
-    img_size: tuple[int, int] = (224, 224)
-    patch_size: tuple[int, int] = (16, 16)
+    img_size: tuple[int, int] | int = (224, 224)  # a tuple once built
+    patch_size: tuple[int, int] | int = (16, 16)
     n_classes: int = 1000
     d_head: int | None = None
     in_chans: int = 3

@@ -153,7 +153,7 @@ def _qk_kind(site: Site, qk_fix: bool) -> str | None:
 
 def estimate_restore(
     model: HookedViT,
-    clean: Float[Tensor, "image channel height width"],
+    clean: Float[Tensor, "batch channel height width"],
     corrupted: Corruption,
     cells: Sequence[Sequence[Site]],
     *,
@@ -310,7 +310,7 @@ def _site_terms(
 
 def restore_cells(
     model: HookedViT,
-    clean: Float[Tensor, "image channel height width"],
+    clean: Float[Tensor, "batch channel height width"],
     corrupted: Corruption,
     cells: Sequence[Sequence[Site]],
     *,
@@ -323,7 +323,7 @@ def restore_cells(
     rows_per_pass: int | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
-) -> tuple[RestoreOutput, Bool[Tensor, "image cell"]]:
+) -> tuple[RestoreOutput, Bool[Tensor, "batch cell"]]:
     """Every cell's effect by ``method``, and which (image, cell) effects are exact.
 
     Args:

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -35,7 +36,16 @@ FwdHook = tuple[str, Callable]
 # Activation memory per batched pass (MB): measured fastest around 100 MB on a 2-core CPU
 # (benchmarks/caap_speed.py); GPUs want large passes.
 DEFAULT_MEMORY_BUDGET_MB = {"cpu": 96, "cuda": 4096}
-Corruption = Tensor | str | Callable[[Tensor], Tensor]
+
+
+@runtime_checkable
+class HookCorruption(Protocol):
+    """A corruption applied by a forward hook on a run of the clean images (``EmbeddingNoise``)."""
+
+    hook: tuple[str, Callable]
+
+
+Corruption = Tensor | str | Callable[[Tensor], Tensor] | HookCorruption
 
 
 @dataclass(frozen=True)
@@ -48,13 +58,13 @@ class RestoreOutput:
         target: [image] class each score refers to.
     """
 
-    restored_score: Float[Tensor, "image cell"]
-    clean_score: Float[Tensor, " image"]
-    corrupted_score: Float[Tensor, " image"]
-    target: Int[Tensor, " image"]
+    restored_score: Float[Tensor, "batch cell"]
+    clean_score: Float[Tensor, " batch"]
+    corrupted_score: Float[Tensor, " batch"]
+    target: Int[Tensor, " batch"]
 
     @property
-    def effects(self) -> Float[Tensor, "image cell"]:
+    def effects(self) -> Float[Tensor, "batch cell"]:
         """Indirect effect per (image, cell): restored score - corrupted score."""
         return self.restored_score - self.corrupted_score[:, None]
 
@@ -188,7 +198,7 @@ def rows_per_pass_within(
 @renamed_keywords(metric="score")
 def run_restore(
     model: HookedViT,
-    clean: Float[Tensor, "image channel height width"],
+    clean: Float[Tensor, "batch channel height width"],
     corrupted: Corruption,
     cells: Sequence[Sequence[Site]],
     *,
@@ -196,7 +206,7 @@ def run_restore(
     target: int | Tensor | None = None,
     memory_budget_mb: float | None = None,
     rows_per_pass: int | None = None,
-    selected: Bool[Tensor, "image cell"] | None = None,
+    selected: Bool[Tensor, "batch cell"] | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> RestoreOutput:
@@ -204,8 +214,8 @@ def run_restore(
 
     Args:
         model: the HookedViT (its device and dtype are used throughout).
-        clean: normalised clean images [image, channel, height, width].
-        corrupted: corrupted images [image, channel, height, width], a callable
+        clean: normalised clean images [batch, channel, height, width].
+        corrupted: corrupted images [batch, channel, height, width], a callable
             ``clean -> corrupted``, or an object with a forward ``hook`` (embedding noise).
         cells: each a sequence of :class:`Site` restored together; all sites must be block
             hooks (``blocks.{l}.*``).

@@ -107,15 +107,15 @@ class TraceResult:
             is an attribution-patching estimate (``method="attribution"``); default all True.
     """
 
-    effects: Float[Tensor, "image *axes"]
+    effects: Float[Tensor, "batch *axes"]
     dims: tuple[str, ...]
-    clean_score: Float[Tensor, " image"]
-    corrupted_score: Float[Tensor, " image"]
+    clean_score: Float[Tensor, " batch"]
+    corrupted_score: Float[Tensor, " batch"]
     settings: dict = field(default_factory=dict)
     coords: dict[str, list] = field(default_factory=dict)
     grid_size: tuple[int, int] | None = None
     n_prefix_tokens: int = 1
-    exact: Bool[Tensor, "image *axes"] | None = None
+    exact: Bool[Tensor, "batch *axes"] | None = None
 
     def __post_init__(self) -> None:
         self.dims = tuple(self.dims)
@@ -315,7 +315,7 @@ class TraceResult:
             corrupted_score=tensors["corrupted_score"],
             settings=metadata["settings"],
             coords=metadata["coords"],
-            grid_size=metadata["grid_size"],
+            grid_size=None if metadata["grid_size"] is None else tuple(metadata["grid_size"]),
             n_prefix_tokens=metadata["n_prefix_tokens"],
             exact=tensors.get("exact"),
         )

@@ -27,7 +27,7 @@ def _logit_diff(other: int | Tensor) -> ScoreFn:
     return score
 
 
-def cosine_to_clean(output: Tensor, target: Tensor, clean_output: Tensor) -> Float[Tensor, " batch"]:
+def cosine_to_clean(output: Tensor, target: Tensor | None, clean_output: Tensor) -> Float[Tensor, " batch"]:
     """Cosine similarity of each row's output to the clean run's output of the same image.
 
     ``output`` and ``clean_output`` are [batch, ...] (logits, pooled features or tokens, flattened

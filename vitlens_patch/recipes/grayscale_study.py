@@ -67,9 +67,9 @@ class GrayscaleStudyResult:
     """
 
     trace: TraceResult
-    labels: Int[Tensor, " image"]
-    colour_prediction: Int[Tensor, " image"]
-    grayscale_prediction: Int[Tensor, " image"]
+    labels: Int[Tensor, " batch"]
+    colour_prediction: Int[Tensor, " batch"]
+    grayscale_prediction: Int[Tensor, " batch"]
     class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -344,7 +344,7 @@ def _as_dataset(
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()
         if data.ndim != 4 or labels.shape != (data.shape[0],):
             raise ValueError(
-                f"data must be images [image, channel, height, width] and labels [image], got shapes "
+                f"data must be images [batch, channel, height, width] and labels [image], got shapes "
                 f"{tuple(data.shape)} and {tuple(labels.shape)}"
             )
         return TensorDataset(data.cpu(), labels)
@@ -358,7 +358,7 @@ def _as_dataset(
 def grayscale_study(
     model: HookedViT,
     data: Tensor | LabelledImages | Dataset | str | os.PathLike,
-    labels: Int[Tensor, " image"] | None = None,
+    labels: Int[Tensor, " batch"] | None = None,
     *,
     kind: str = "attn",
     window: int = 3,
@@ -374,7 +374,7 @@ def grayscale_study(
     Args:
         model: the HookedViT, in eval mode on its device; ``model.data_config`` defines grayscale.
         data: the images, any of
-            - a tensor [image, channel, height, width] with ``labels``: float tensors are normalised
+            - a tensor [batch, channel, height, width] with ``labels``: float tensors are normalised
               model input (``model.preprocess``), uint8 tensors raw pixels;
             - a :class:`~vitlens_patch.data.folder.LabelledImages` (e.g. ``load_sample()``);
             - an ImageFolder-layout folder or ``.tar.gz`` (e.g. ``../shared/data/cifar10/test.tar.gz``);

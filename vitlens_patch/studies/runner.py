@@ -192,7 +192,7 @@ def read_study(out: str | os.PathLike) -> pd.DataFrame:
     return stored
 
 
-def stack_column(results: pd.DataFrame, column: str) -> Shaped[Tensor, "image *k"]:
+def stack_column(results: pd.DataFrame, column: str) -> Shaped[Tensor, "batch *k"]:
     """One column of study results as a tensor: [image], or [image, k] for a list column.
 
     Args:

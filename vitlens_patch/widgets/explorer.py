@@ -356,7 +356,7 @@ def explore(model: HookedViT, images, labels=None, **settings) -> Explorer:
 
     Args:
         model: the HookedViT (with a classifier).
-        images: normalised model input [image, channel, height, width], uint8 images (resized by
+        images: normalised model input [batch, channel, height, width], uint8 images (resized by
             ``model.preprocess``) or :class:`~vitlens_patch.data.folder.LabelledImages`.
         labels: true class per image (optional; taken from LabelledImages).
         settings: initial trait values: ``image``, ``corruption`` ("grayscale", "blur",

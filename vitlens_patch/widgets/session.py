@@ -206,8 +206,8 @@ class ExplorerSession:
 
     Args:
         model: the HookedViT.
-        images: normalised model input [image, channel, height, width] (the model's input size),
-            uint8 images [image, channel, height, width] (resized by ``model.preprocess``), or
+        images: normalised model input [batch, channel, height, width] (the model's input size),
+            uint8 images [batch, channel, height, width] (resized by ``model.preprocess``), or
             :class:`~vitlens_patch.data.folder.LabelledImages` (labels and class names with them).
         labels: true class per image (optional), shown beside the prediction.
         class_names: names of the classes; default ``model.class_names``.
@@ -479,7 +479,7 @@ class ExplorerSession:
         return view
 
 
-def check_explorer_images(model: HookedViT, images) -> Float[Tensor, "image channel height width"]:
+def check_explorer_images(model: HookedViT, images) -> Float[Tensor, "batch channel height width"]:
     """Images as normalised model input on the model's device: uint8 images are preprocessed
     (resized); float images must already be normalised model input of the model's input size."""
     cfg = model.cfg

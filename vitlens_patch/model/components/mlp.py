@@ -43,11 +43,11 @@ class MLP(nn.Module):
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]: before the activation
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]: after the activation
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))
         return self.project_out(self.hook_post(self.activation(pre)))
 
-    def project_out(self, post: Float[Tensor, "batch pos d_mlp"]) -> Float[Tensor, "batch pos d_model"]:
+    def project_out(self, post: Float[Tensor, "*batch d_mlp"]) -> Float[Tensor, "*batch d_model"]:
         """Hidden activations -> the MLP output (through ``ln`` first, when present)."""
         return F.linear(post if self.ln is None else self.ln(post), self.W_out.T, self.b_out)
 
@@ -65,7 +65,7 @@ class GatedMLP(MLP):
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_mlp)) if cfg.proj_bias else None
         self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]: the linear branch
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         pre = self.hook_pre(F.linear(x, self.W_gate.T, self.b_gate))
         pre_linear = self.hook_pre_linear(F.linear(x, self.W_in.T, self.b_in))
         return self.project_out(self.hook_post(self.activation(pre) * pre_linear))
