@@ -107,18 +107,28 @@ def test_grayscale_study_command_writes_results_and_report(tmp_path, capsys):
     assert (tmp_path / "gray_window3.parquet.parts" / "results.parquet").is_file()
 
 
-def test_demo_report_has_every_section_and_the_extra_ones(tmp_path):
+def test_demo_report_has_every_section_and_the_extra_ones(tmp_path, browser_page):
     def extra(model, sample):
         return [Section("Extra section", f"{len(sample)} images")]
 
     path = demo.run_demo(tmp_path / "demo.html", n_per_class=1, extra_sections=[extra], progress=False)
     page = path.read_text()
-    for title in ("The embedded model", "Causal trace of one image", "Grayscale study on the embedded images",
-                  "CAAP and the baselines", "Extra section"):
+    for title in ("The embedded model", "Causal trace of one image", "Explore the trace interactively",
+                  "Grayscale study on the embedded images", "CAAP and the baselines", "Extra section"):
         assert title in page
     assert "10 images" in page
     assert page.count("plotly.js v") == 1
     assert page.count('class="plotly-graph-div"') == 10
+    assert (tmp_path / "demo_explorer.html").is_file() and 'href="demo_explorer.html"' in page
+    # the report and the explorer page it links render in a real browser, offline (one demo run for both)
+    browser_page.open_file(path, timeout=60)
+    assert browser_page.wait_for_figures(10, timeout=120) == 10
+    browser_page.screenshot("demo-report")
+    browser_page.page.click('a[href="demo_explorer.html"]')
+    browser_page.page.wait_for_selector(".vitlens-explorer", timeout=60_000)
+    assert browser_page.wait_for_figures(3, selector=".vitlens-explorer .js-plotly-plot", timeout=120) == 3
+    browser_page.screenshot("demo-explorer")
+    browser_page.assert_clean()
 
 
 def test_demo_command_passes_its_options_and_prints_the_path(tmp_path, capsys, monkeypatch):

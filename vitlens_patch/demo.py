@@ -29,6 +29,8 @@ from vitlens_patch.plots.tracing import plot_layer_curve, plot_patch_grid, plot_
 from vitlens_patch.pretrained import cifar10_vit, load_metadata, sample_images
 from vitlens_patch.recipes.grayscale_study import grayscale_study
 from vitlens_patch.report import Section, build_report, grayscale_study_section
+from vitlens_patch.widgets.export import write_explorer_html
+from vitlens_patch.widgets.session import ExplorerSession, ExplorerSettings
 
 DEMO_REPORT = "vitlens_patch_demo.html"
 DEMO_METHODS = ("caap", "rollout", "chefer", "gradcam", "occlusion", "random")
@@ -103,18 +105,24 @@ def _model_card(model: HookedViT, sample: LabelledImages, metadata: dict) -> Sec
     )
 
 
+def _traced_image(model: HookedViT, images: Tensor, labels: Tensor) -> tuple[int, Tensor, Tensor]:
+    """The image whose true class suffers most from losing colour, among those right in colour:
+    (its index, true-class probability per image in colour, in grayscale)."""
+    grayscale = corrupt_grayscale(images, model.data_config)
+    with torch.no_grad():
+        colour_prob = model(images).softmax(-1).gather(1, labels[:, None])[:, 0]
+        gray_prob = model(grayscale).softmax(-1).gather(1, labels[:, None])[:, 0]
+    drop = torch.where(colour_prob > 0.5, colour_prob - gray_prob, -torch.inf)
+    if not torch.isfinite(drop).any():
+        drop = colour_prob - gray_prob
+    return int(drop.argmax()), colour_prob, gray_prob
+
+
 def _single_image_trace(model: HookedViT, sample: LabelledImages, progress: bool) -> Section:
     images = model.preprocess(sample.images)
     grayscale = corrupt_grayscale(images, model.data_config)
     labels = sample.labels.to(model.device)
-    with torch.no_grad():
-        colour_prob = model(images).softmax(-1).gather(1, labels[:, None])[:, 0]
-        gray_prob = model(grayscale).softmax(-1).gather(1, labels[:, None])[:, 0]
-    # the image whose true class suffers most from losing colour, among those right in colour
-    drop = torch.where(colour_prob > 0.5, colour_prob - gray_prob, -torch.inf)
-    if not torch.isfinite(drop).any():
-        drop = colour_prob - gray_prob
-    index = int(drop.argmax())
+    index, colour_prob, gray_prob = _traced_image(model, images, labels)
     clean, corrupted, target = images[index : index + 1], grayscale[index : index + 1], labels[index : index + 1]
     names = model.class_names or sample.class_names
     traces = [
@@ -180,6 +188,26 @@ def _attribution_section(model: HookedViT, sample: LabelledImages, progress: boo
     )
 
 
+def explorer_section(model: HookedViT, sample: LabelledImages, path: Path, *, progress: bool = True) -> Section:
+    """Write the static explorer (:func:`~vitlens_patch.widgets.export.write_explorer_html`) of the
+    traced image to ``path`` and return a section linking to it (by file name: keep them together)."""
+    session = ExplorerSession(model, sample)
+    index, _, _ = _traced_image(model, session.images, session.labels.to(model.device))
+    settings = ExplorerSettings(image=index, corruption="grayscale", kind="attn", window=3, target=int(sample.labels[index]))
+    write_explorer_html(session, settings, path, title="vitlens_patch explorer: the traced image", progress=progress)
+    return Section(
+        title="Explore the trace interactively",
+        text=(
+            "The causal trace above as linked views in one offline page: the layer curve (attention outputs, "
+            "window 3), the patch grid at a layer chosen with a slider (restoring attention outputs at one token), "
+            "and, for a clicked patch, its effect per layer and its CAAP value and map, every layer and patch "
+            "precomputed exactly. In Jupyter, `vp.explore(model, images)` gives the same views live, for any "
+            "image, corruption, window, score and target."
+        ),
+        links=[(f"Open the explorer ({path.name})", path.name)],
+    )
+
+
 def demo_sections(
     model: HookedViT, sample: LabelledImages, *, metadata: dict | None = None, progress: bool = True
 ) -> list[Section]:
@@ -231,7 +259,9 @@ def run_demo(
     """
     model = cifar10_vit()
     sample = sample_images(n_per_class)
+    path = Path(out)
     sections = demo_sections(model, sample, metadata=load_metadata(), progress=progress)
+    sections.insert(2, explorer_section(model, sample, path.with_name(f"{path.stem}_explorer.html"), progress=progress))
     for builder in extra_sections:
         sections.extend(builder(model, sample))
     intro = (
@@ -239,7 +269,6 @@ def run_demo(
         "images shipped inside the vitlens_patch package. Figures are interactive: hover for values, "
         "drag to zoom, double-click to reset."
     )
-    path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(build_report(sections, title="vitlens_patch demo", intro=intro), encoding="utf-8")
     return path.resolve()

@@ -45,12 +45,15 @@ class Section:
             text between backquotes is shown as code.
         tables: data frames shown as HTML tables (floats with 4 significant digits), after the text.
         figures: plotly figures, after the tables.
+        links: (text, address) pairs shown as a list of links after the text (e.g. a companion
+            page written beside the report).
     """
 
     title: str
     text: str = ""
     tables: Sequence[pd.DataFrame] = field(default_factory=tuple)
     figures: Sequence[go.Figure] = field(default_factory=tuple)
+    links: Sequence[tuple[str, str]] = field(default_factory=tuple)
 
 
 def _paragraphs(text: str) -> str:
@@ -93,6 +96,10 @@ def build_report(sections: Sequence[Section], *, title: str = "vitlens_patch rep
     for i, section in enumerate(sections):
         body.append(f'<section id="section-{i}"><h2>{html.escape(section.title)}</h2>')
         body.append(_paragraphs(section.text))
+        if section.links:
+            body.append("<ul>" + "".join(
+                f'<li><a href="{html.escape(address)}">{html.escape(text)}</a></li>' for text, address in section.links
+            ) + "</ul>")
         for table in section.tables:
             body.append(table.to_html(index=False, classes="report", border=0, float_format="{:.4g}".format))
         for figure in section.figures:

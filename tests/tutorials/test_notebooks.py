@@ -14,8 +14,10 @@ from vitlens_patch.plots.notebook import PLOTLY_MIMETYPE
 TUTORIALS = Path(__file__).resolve().parents[2] / "tutorials"
 NOTEBOOKS = sorted(path.name for path in TUTORIALS.glob("*.ipynb"))
 # what nbconvert's own page template loads from a CDN (require.js, MathJax): not the figures'
-# business, and harmless offline, so the browser check allows exactly these
-TEMPLATE_URLS = (HTMLExporter().require_js_url, HTMLExporter().mathjax_url)
+# business, and harmless offline, so the browser check allows exactly these (the widget manager too:
+# the template loads it for a notebook that stored widget state, as the explorer tutorial does)
+WIDGET_MANAGER_URL = HTMLExporter().widget_renderer_url or "https://unpkg.com/@jupyter-widgets/html-manager@*/dist/embed-amd.js"
+TEMPLATE_URLS = (HTMLExporter().require_js_url, HTMLExporter().mathjax_url, WIDGET_MANAGER_URL)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -16,7 +16,6 @@ from vitlens_patch.patching.tracing import trace_grid, trace_layers
 from vitlens_patch.widgets import explore
 from vitlens_patch.widgets.session import ExplorerSession, ExplorerSettings, Stage, central_patches
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def direct_corruption(model, clean, name, images):
@@ -191,9 +190,12 @@ def test_labelled_images_give_thumbnails_with_true_and_predicted_class(tiny_mode
     widget.wait(60)
 
 
-def test_front_end_ships_plotly_and_fetches_nothing(widget):
+def test_front_end_gets_plotly_from_the_kernel_and_fetches_nothing(widget, monkeypatch):
     from vitlens_patch.widgets.assets import STATIC, plotly_js
 
-    assert widget._esm.startswith("const Plotly = ") and plotly_js() in widget._esm
     drawing = (STATIC / "explorer.js").read_text()
-    assert widget._esm.endswith(drawing) and "http" not in drawing and "import " not in drawing
+    assert widget._esm == drawing and "http" not in drawing and "import " not in drawing
+    sent = []
+    monkeypatch.setattr(widget, "send", lambda content, buffers=None: sent.append((content, buffers)))
+    widget._on_message(widget, {"type": "plotly.js"}, [])  # what the front end sends on first render
+    assert sent == [({"type": "plotly.js"}, [plotly_js().encode()])] and b"plotly.js v" in sent[0][1][0]

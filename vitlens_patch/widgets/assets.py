@@ -1,8 +1,9 @@
 """The explorer's front end: ``static/explorer.js`` and ``explorer.css`` (package data), plus
 plotly.js from the installed plotly package (no CDN, works offline).
 
-The same drawing code serves the widget (an ES module for anywidget, plotly.js evaluated inside it)
-and the static export (a classic script after an inlined plotly.js).
+The same drawing code serves the widget (an ES module for anywidget; plotly.js is sent by the kernel
+on the front end's request, as a binary buffer) and the static export (a classic script after an
+inlined plotly.js).
 """
 
 from __future__ import annotations
@@ -35,25 +36,20 @@ def explorer_css() -> str:
     return (STATIC / "explorer.css").read_text(encoding="utf-8")
 
 
-@functools.cache
 def explorer_esm() -> str:
-    """The widget's ES module: plotly.js (evaluated once per page, as a CommonJS module so it
-    works with or without AMD loaders around) followed by the drawing code."""
-    loader = (
-        "const Plotly = globalThis.__vitlensPlotly || (globalThis.__vitlensPlotly = (() => {\n"
-        "  const previous = globalThis.Plotly;\n"
-        "  const module = { exports: {} };\n"
-        "  (function (module, exports, define) {\n"
-        f"{plotly_js()}\n"
-        "  }).call(globalThis, module, module.exports, undefined);\n"
-        "  if (previous === undefined) { delete globalThis.Plotly; } else { globalThis.Plotly = previous; }\n"
-        "  return module.exports;\n"
-        "})());\n"
-    )
-    return loader + _explorer_js()
+    """The widget's ES module (the drawing code; it asks the kernel for plotly.js, see
+    :func:`plotly_js_bytes`)."""
+    return _explorer_js()
+
+
+@functools.cache
+def plotly_js_bytes() -> bytes:
+    """plotly.min.js as UTF-8 bytes: the widget's answer to the front end's "plotly.js" message,
+    sent as a binary buffer (an ES module of that size does not load through anywidget's ``_esm``)."""
+    return plotly_js().encode("utf-8")
 
 
 def explorer_script() -> str:
     """The drawing code as a classic script (for the static export): it reads ``window.Plotly``
     and defines ``window.vitlensExplorer.renderStatic(element, data)``."""
-    return "(function () {\nconst Plotly = window.Plotly;\n" + _explorer_js().replace(_EXPORT_LINE, "") + "\n})();\n"
+    return "(function () {\n" + _explorer_js().replace(_EXPORT_LINE, "") + "\n})();\n"

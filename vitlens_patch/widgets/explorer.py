@@ -18,6 +18,7 @@ what is still running; ``busy`` is true meanwhile).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import queue
 import threading
@@ -35,7 +36,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from vitlens_patch.model import HookedViT
-from vitlens_patch.widgets.assets import explorer_css, explorer_esm
+from vitlens_patch.widgets.assets import explorer_css, explorer_esm, plotly_js_bytes
 from vitlens_patch.widgets.export import write_explorer_html
 from vitlens_patch.widgets.session import ExplorerResult, ExplorerSession, ExplorerSettings, Stage
 
@@ -103,12 +104,22 @@ class Explorer(anywidget.AnyWidget):
         self._failure: BaseException | None = None
         self._worker: threading.Thread | None = None
         self._ready = False
+        # the worker never sends to the front end itself (comm messages from another thread during a
+        # cell's execution leave the widget "Loading..."): it records what to show here and asks the
+        # kernel's event loop, in the kernel's thread, to set the traits (_flush)
+        self._shown: dict = {}
+        self._kernel_thread = threading.get_ident()
+        try:
+            self._loop = asyncio.get_running_loop()  # in a Jupyter kernel: its event loop
+        except RuntimeError:
+            self._loop = None  # plain Python: no front end, traits are set from any thread
         n_layers = session.model.cfg.n_layers
         start, stop = session.caap_layers(ExplorerSettings())
         super().__init__(
             options=session.options(), thumbnails=session.thumbnails(), layer=n_layers // 2,
             window=min(3, n_layers), caap_start=start, caap_stop=stop,
         )
+        self.on_msg(self._on_message)
         self._ready = True
         for name, value in settings.items():
             if name not in (*_COMPUTE_TRAITS, "layer"):
@@ -116,6 +127,11 @@ class Explorer(anywidget.AnyWidget):
             setattr(self, name, value)
         self.observe(self._on_change, names=list(_COMPUTE_TRAITS))
         self._submit()
+
+    def _on_message(self, widget, content, buffers) -> None:
+        """The front end asks for plotly.js once per page: answered with the plotly package's file."""
+        if isinstance(content, dict) and content.get("type") == "plotly.js":
+            self.send({"type": "plotly.js"}, buffers=[plotly_js_bytes()])
 
     # ------------------------------------------------------------------ settings and checks
     @property
@@ -211,32 +227,46 @@ class Explorer(anywidget.AnyWidget):
             self._request_id += 1
             request = self._request_id
             self._failure = None
-        self.error = ""
         self.request = request
         missing = self._session.missing(settings, patch)
-        self._publish(request, self._session.view(settings, patch))
+        self._show(request, view=self._session.view(settings, patch), error="", busy=bool(missing))
         if not missing:
             self._finish(request)
             return
-        self.busy = True
         self._jobs.put((request, settings, patch))
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._work, name="vitlens-explorer", daemon=True)
             _WORKERS.add(self._worker)
             self._worker.start()
 
-    def _finish(self, request: int) -> None:
+    def _show(self, request: int, **traits) -> None:
+        """Record trait values for ``request`` (dropped if it is no longer current) and set them in
+        the kernel's thread."""
+        with self._state:
+            if request != self._request_id:
+                return
+            self._shown.update(traits)
+            self._state.notify_all()
+        if self._loop is None or threading.get_ident() == self._kernel_thread:
+            self._flush()
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # the loop is closed: no kernel to send to any more
+                pass
+
+    def _flush(self) -> None:
+        with self._state:
+            shown, self._shown = self._shown, {}
+        for name in ("view", "error", "busy"):  # busy last: a finished view is drawn before the spinner stops
+            if name in shown:
+                setattr(self, name, shown[name])
+
+    def _finish(self, request: int, error: str | None = None) -> None:
         with self._state:
             if request == self._request_id:
                 self._done_id = request
-                self.busy = False
-            self._state.notify_all()
-
-    def _publish(self, request: int, view: dict) -> None:
-        with self._state:
-            if request == self._request_id:
-                self.view = view
-            self._state.notify_all()
+        self._show(request, busy=False, **({} if error is None else {"error": error}))
 
     def _current(self, request: int) -> bool:
         with self._state:
@@ -260,7 +290,7 @@ class Explorer(anywidget.AnyWidget):
                     return
                 self._compute(session, stage, request)
                 if self._current(request):
-                    self._publish(request, session.view(settings, patch))
+                    self._show(request, view=session.view(settings, patch))
         except Superseded:
             return
         except Exception as error:  # shown in the widget, re-raised by wait()
@@ -268,8 +298,7 @@ class Explorer(anywidget.AnyWidget):
                 if request != self._request_id:
                     return
                 self._failure = error
-            self.error = f"{type(error).__name__}: {error}"
-            self._finish(request)
+            self._finish(request, error=f"{type(error).__name__}: {error}")
             return
         self._finish(request)
 
@@ -300,18 +329,24 @@ class Explorer(anywidget.AnyWidget):
         estimates allowed); returns :attr:`result`. Raises the computation's error, or
         TimeoutError."""
         deadline = time.monotonic() + timeout
-        with self._state:
-            while True:
-                if self._failure is not None:
-                    raise self._failure
-                if self._done_id == self._request_id:
-                    break
-                if not exact and self._drawn(self.view):
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"the explorer did not finish within {timeout} s (pending: {self.view.get('pending')})")
-                self._state.wait(min(remaining, 0.5))
+        try:
+            with self._state:
+                while True:
+                    if self._failure is not None:
+                        raise self._failure
+                    if self._done_id == self._request_id:
+                        break
+                    if not exact and self._drawn(self._shown.get("view", self.view)):
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(
+                            f"the explorer did not finish within {timeout} s (pending: {self.view.get('pending')})"
+                        )
+                    self._state.wait(min(remaining, 0.5))
+        finally:
+            if threading.get_ident() == self._kernel_thread:
+                self._flush()  # a cell blocked here keeps the event loop from doing it
         return self.result
 
     def _drawn(self, view: dict) -> bool:

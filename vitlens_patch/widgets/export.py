@@ -52,7 +52,7 @@ def explorer_html(
     views = {}
     for index in tqdm(indices, desc="explorer export", disable=not progress):
         image_settings = session.check(replace(settings, image=index))
-        session.compute_all(image_settings)  # layers, exact grid, exact CAAP: every patch follows
+        session.compute_all(image_settings, estimates=False)  # layers, exact grid and CAAP: every patch follows
         views[str(index)] = session.view(image_settings, patch)
     start, stop = session.caap_layers(settings)
     data = {

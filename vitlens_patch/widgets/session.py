@@ -244,6 +244,8 @@ class ExplorerSession:
         self.pixels = model.data_config.denormalize(self.images).clamp(0, 1).cpu()
         self._cache: dict[tuple, object] = {}
         self._lock = threading.Lock()
+        # one computation on the model at a time: the engine's hooks are live on the shared model
+        self._model_lock = threading.RLock()
 
     # ----------------------------------------------------------------------------- settings
     @property
@@ -308,9 +310,14 @@ class ExplorerSession:
         """The stages of :meth:`stages` not cached yet; a patch inside a computed exact grid needs none."""
         with self._lock:
             missing = [stage for stage in self.stages(settings, patch) if stage.cache_key not in self._cache]
-        if self._grid_exact(settings) is not None:
-            missing = [stage for stage in missing if stage.name != "patch"]
-        return missing
+        grid_exact = self._grid_exact(settings) is not None
+        caap_exact = self.is_cached(Stage("caap", settings.caap_key))
+        # exact results make their estimates (and the single patch trace) unnecessary
+        return [
+            stage for stage in missing
+            if not (grid_exact and stage.name in ("patch", "grid_estimate"))
+            and not (caap_exact and stage.name == "caap_estimate")
+        ]
 
     def is_cached(self, stage: Stage) -> bool:
         with self._lock:
@@ -333,6 +340,10 @@ class ExplorerSession:
 
     def compute(self, stage: Stage) -> object:
         """Run ``stage`` (unless cached) and cache its result; returns the result."""
+        with self._model_lock:
+            return self._compute(stage)
+
+    def _compute(self, stage: Stage) -> object:
         cached = self._get(*stage.cache_key)
         if cached is not None:
             return cached
@@ -362,10 +373,12 @@ class ExplorerSession:
             self._cache[stage.cache_key] = result
         return result
 
-    def compute_all(self, settings: ExplorerSettings, patch: int | None = None) -> None:
-        """Every missing stage of ``settings``, in the calling thread."""
+    def compute_all(self, settings: ExplorerSettings, patch: int | None = None, *, estimates: bool = True) -> None:
+        """Every missing stage of ``settings``, in the calling thread (``estimates=False``: only the
+        exact ones, which is all a complete view needs)."""
         for stage in self.missing(self.check(settings), self.check_patch(patch)):
-            self.compute(stage)
+            if estimates or not stage.name.endswith("_estimate"):
+                self.compute(stage)
 
     # ------------------------------------------------------------------------------ results
     def _grid_exact(self, settings: ExplorerSettings) -> TraceResult | None:

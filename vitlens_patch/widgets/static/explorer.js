@@ -2,7 +2,49 @@
 //
 // Every number comes from the kernel (the widget's `view` trait, computed by the library's
 // trace_layers / trace_grid / caap) or, in the static export, from the same views precomputed
-// into the page. `Plotly` is defined by the code before this file (see widgets/assets.py).
+// into the page. plotly.js comes from the plotly Python package, never from a CDN: the widget asks
+// the kernel for it once per page (a custom message answered with the file as a binary buffer);
+// the static export inlines it before this script (see widgets/assets.py).
+
+let Plotly = null;
+
+async function evaluatePlotly(buffer) {
+  const source = new TextDecoder().decode(buffer);
+  // a CommonJS-style wrapper: plotly.js assigns module.exports whatever module loaders the page has
+  const wrapped = "const module = { exports: {} };\n(function (module, exports, define) {\n" + source +
+    "\n}).call(globalThis, module, module.exports, undefined);\nexport default module.exports;\n";
+  const previous = globalThis.Plotly;
+  const url = URL.createObjectURL(new Blob([wrapped], { type: "text/javascript" }));
+  try {
+    return (await import(url)).default;
+  } finally {
+    URL.revokeObjectURL(url);
+    if (previous === undefined) delete globalThis.Plotly; else globalThis.Plotly = previous;
+  }
+}
+
+function ensurePlotly(model) {
+  if (Plotly) return Promise.resolve(Plotly);
+  if (globalThis.__vitlensPlotly) return Promise.resolve((Plotly = globalThis.__vitlensPlotly));
+  if (!globalThis.__vitlensPlotlyLoading) {
+    globalThis.__vitlensPlotlyLoading = new Promise((resolve, reject) => {
+      const onMessage = (message, buffers) => {
+        if (!message || message.type !== "plotly.js") return;
+        model.off("msg:custom", onMessage);
+        evaluatePlotly(buffers[0]).then(resolve, reject);
+      };
+      model.on("msg:custom", onMessage);
+      model.send({ type: "plotly.js" });
+    }).then((plotly) => {
+      globalThis.__vitlensPlotly = plotly;
+      return plotly;
+    }, (error) => {
+      globalThis.__vitlensPlotlyLoading = null;
+      throw error;
+    });
+  }
+  return globalThis.__vitlensPlotlyLoading.then((plotly) => (Plotly = plotly));
+}
 
 const COLORSCALE = [
   [0, "#2166ac"], [0.25, "#67a9cf"], [0.5, "#f7f7f7"], [0.75, "#ef8a62"], [1, "#b2182b"],
@@ -349,7 +391,11 @@ function drawAll(ui, model) {
   ui.root.setAttribute("data-request", String(model.get("request")));
 }
 
-function render({ model, el }) {
+async function render({ model, el }) {
+  const loading = element("div", { className: "vitlens-loading", text: "Loading the explorer (plotly.js)\u2026" });
+  el.append(loading);
+  await ensurePlotly(model);
+  loading.remove();
   const ui = buildUi(el, model);
   bindControls(ui, model);
   for (const node of [ui.curve, ui.grid, ui.patch, ui.caap]) Plotly.newPlot(node, [], { height: 300 }, PLOT_CONFIG);
@@ -403,6 +449,7 @@ function staticModel(data) {
 }
 
 function renderStatic(el, data) {
+  Plotly = window.Plotly;
   const model = staticModel(data);
   render({ model, el });
   return model;
