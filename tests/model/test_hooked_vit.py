@@ -211,6 +211,14 @@ def test_config_rejects_inconsistent_architecture():
         ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, activation="swish")
 
 
+@pytest.mark.parametrize(("extra", "feature"), [
+    (dict(rotary="half"), "rotary position embeddings"),
+    (dict(stem_channels=4, stem_stride=8), "a CNN stem"),
+])
+def test_dynamic_img_size_refuses_what_it_cannot_resample_naming_the_feature(extra, feature):
+    with pytest.raises(NotImplementedError, match=f"dynamic_img_size=True with {feature}"):
+        ViTConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=8, dynamic_img_size=True, **extra)
+
 def test_fused_qkv_weight_kept_between_calls_follows_every_weight_change():
     model = HookedViT.from_timm(tiny_timm_vit())
     images = torch.randn(2, 3, 32, 32)

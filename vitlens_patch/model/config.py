@@ -191,7 +191,8 @@ class ViTConfig:
         if self.attn_only_layer_scale and not self.layer_scale:
             raise ValueError("attn_only_layer_scale=True needs layer_scale=True")
         if self.dynamic_img_size and (self.rotary != "none" or self.stem_channels):
-            raise ValueError("dynamic_img_size=True with rotary position embeddings or a CNN stem is not supported")
+            feature = "rotary position embeddings" if self.rotary != "none" else "a CNN stem (HybridEmbed)"
+            raise NotImplementedError(f"dynamic_img_size=True with {feature} is not supported yet")
         if self.pool_d_mlp < 0:
             raise ValueError(f"pool_d_mlp must be 0 (d_mlp) or positive, got {self.pool_d_mlp}")
         if self.pool_n_heads < 0 or (self.pool_n_heads and self.d_model % self.pool_n_heads):
