@@ -213,7 +213,7 @@ def test_config_rejects_inconsistent_architecture():
 
 @pytest.mark.parametrize(("extra", "feature"), [
     (dict(rotary="half"), "rotary position embeddings"),
-    (dict(stem_channels=4, stem_stride=8), "a CNN stem"),
+    (dict(stem_channels=4, stem_stride=(8, 8)), "a CNN stem"),
 ])
 def test_dynamic_img_size_refuses_what_it_cannot_resample_naming_the_feature(extra, feature):
     with pytest.raises(NotImplementedError, match=f"dynamic_img_size=True with {feature}"):

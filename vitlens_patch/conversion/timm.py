@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -468,7 +469,7 @@ def convert_timm_attention(
 
 
 def split_attention_heads(
-    cfg: ViTConfig, dst: str, weights: tuple[Tensor, Tensor, Tensor], biases: tuple[Tensor, Tensor, Tensor] | None
+    cfg: ViTConfig, dst: str, weights: Sequence[Tensor], biases: Sequence[Tensor] | None
 ) -> dict[str, Tensor]:
     """q, k, v Linear weights [d_model, d_model] (and biases) -> W_Q, W_K, W_V [group, d_model,
     width] at ``dst``: ``head`` groups of ``d_head``, or for differential attention ``2 * head``
