@@ -9,9 +9,8 @@ import timm
 import torch
 
 # Runtime shape and type checks on every vitlens_patch function and dataclass (jaxtyping + beartype),
-# installed before the package is first imported: VITLENS_SHAPE_CHECKS=1 turns them on. Off by
-# default until the code landed after 17:30 (e.g. conversion.timm.split_attention_heads) passes them.
-if os.environ.get("VITLENS_SHAPE_CHECKS", "0") == "1":
+# installed before the package is first imported; VITLENS_SHAPE_CHECKS=0 turns them off.
+if os.environ.get("VITLENS_SHAPE_CHECKS", "1") == "1":
     # is_pep484_tower: an int is a valid float, as PEP 484 says
     jaxtyping.install_import_hook("vitlens_patch", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
