@@ -41,7 +41,7 @@ def config_from_model(model: nn.Module) -> ViTConfig:
     """
     from timm.models.vision_transformer import Block
 
-    from vitlens_patch.conversion.timm import check_attention_pool, norm_kind, timm_block_fields, timm_blocks
+    from vitlens_patch.conversion.timm import check_attention_pool, check_norms_agree, norm_kind, timm_block_fields, timm_blocks
 
     embeds = model.embeds
     if model.rope is not None:
@@ -77,9 +77,7 @@ def config_from_model(model: nn.Module) -> ViTConfig:
     norms += [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre), ("embeds.norm", embeds.norm)]
     if model.attn_pool is not None:
         norms.append(("attn_pool.norm", model.attn_pool.norm))
-    for name, layer in norms:
-        if not isinstance(layer, nn.Identity) and norm_kind(layer, name) != (norm, eps):
-            raise NotImplementedError(f"{name}: a norm kind or eps different from the blocks' is not supported")
+    check_norms_agree(norms, norm, eps)
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
     has_norm = not isinstance(model.norm, nn.Identity)
     return ViTConfig(

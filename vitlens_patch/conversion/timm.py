@@ -57,6 +57,13 @@ def layer_norm_eps(norm: nn.Module, where: str) -> float:
     return norm.eps
 
 
+def check_norms_agree(norms: list[tuple[str, nn.Module]], norm: str, eps: float) -> None:
+    """Refuse any named norm (Identity aside) whose kind or eps differs from the blocks' ``(norm, eps)``."""
+    for name, layer in norms:
+        if not isinstance(layer, nn.Identity) and norm_kind(layer, name) != (norm, eps):
+            raise NotImplementedError(f"{name}: a norm kind or eps different from the blocks' is not supported")
+
+
 def norm_kind(norm: nn.Module, where: str) -> tuple[str, float]:
     """A timm norm layer's ViTConfig ``norm`` kind and eps: an affine LayerNorm or an affine
     ``RmsNorm``; anything else raises ``NotImplementedError`` naming ``where``."""
@@ -143,9 +150,7 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
               ("patch_embed.norm", getattr(model.patch_embed, "norm", nn.Identity()))]
     if model.attn_pool is not None:
         norms.append(("attn_pool.norm", model.attn_pool.norm))
-    for name, layer in norms:
-        if not isinstance(layer, nn.Identity) and norm_kind(layer, name) != (norm, eps):
-            raise NotImplementedError(f"{name}: a norm kind or eps different from the blocks' is not supported")
+    check_norms_agree(norms, norm, eps)
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
     has_norm = not isinstance(model.norm, nn.Identity)
     pre_norm = not isinstance(model.norm_pre, nn.Identity)
