@@ -51,13 +51,14 @@ from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.engine import (
     Corruption,
     RestoreOutput,
-    _site_mask,
     cached_run,
     check_cells,
     precision,
     resolve_corruption,
     rows_per_pass_within,
     run_restore,
+    site_masks,
+    stack_site_masks,
 )
 from vitlens_patch.patching.scores import apply_score, check_score_for_model, resolve_score, resolve_target
 from vitlens_patch.patching.sites import BLOCK_HOOK, Site
@@ -203,18 +204,11 @@ def estimate_restore(
     # Which term each hook contributes: hook name -> QK patch kind or None (linear).
     kinds: dict[str, str | None] = {site.hook_name: _qk_kind(site, qk_fix) for cell in cells for site in cell}
     # One float mask per hook: [cell, entry] with entry = pos or (pos head), flattened.
-    cell_masks: list[dict[str, Tensor]] = []
-    for cell in cells:
-        per_hook: dict[str, Tensor] = {}
-        for site in cell:
-            per_hook[site.hook_name] = _site_mask(site, model, per_hook.get(site.hook_name))
-        cell_masks.append(per_hook)
-    masks: dict[str, Tensor] = {}
-    for name in kinds:
-        empty = torch.zeros_like(next(per_hook[name] for per_hook in cell_masks if name in per_hook))
-        masks[name] = torch.stack([per_hook.get(name, empty) for per_hook in cell_masks]).flatten(1).to(
-            model.device, torch.float32
-        )
+    cell_masks = site_masks(model, cells)
+    masks = {
+        name: stack_site_masks(cell_masks, name, range(len(cells))).flatten(1).to(model.device, torch.float32)
+        for name in kinds
+    }
 
     qk_layers = sorted({int(BLOCK_HOOK.match(name).group(1)) for name, kind in kinds.items() if kind})
     qk_names = {f"blocks.{layer}.attn.hook_{part}" for layer in qk_layers for part in ("q", "k")}

@@ -158,6 +158,27 @@ def _site_mask(site: Site, model: HookedViT, existing: Tensor | None) -> Tensor:
     return mask
 
 
+def site_masks(model: HookedViT, cells: Sequence[Cell], device: torch.device | None = None) -> list[dict[str, Tensor]]:
+    """Per cell, per hook name it restores: the bool mask of restored entries, [pos] or [pos, head]
+    (head hooks), on ``device`` (default the CPU)."""
+    per_cell: list[dict[str, Tensor]] = []
+    for cell in cells:
+        masks: dict[str, Tensor] = {}
+        for site in cell:
+            masks[site.hook_name] = _site_mask(site, model, masks.get(site.hook_name))
+        per_cell.append({name: mask.to(device) for name, mask in masks.items()})
+    return per_cell
+
+
+def stack_site_masks(
+    cell_masks: list[dict[str, Tensor]], name: str, cell_ids: Sequence[int]
+) -> Bool[Tensor, "row pos *head"]:
+    """The masks at hook ``name`` of the cells ``cell_ids`` (from :func:`site_masks`), one row per
+    cell id; all False for a cell that does not restore ``name``."""
+    empty = torch.zeros_like(next(cell_masks[cell][name] for cell in cell_ids if name in cell_masks[cell]))
+    return torch.stack([cell_masks[cell].get(name, empty) for cell in cell_ids])
+
+
 def _bytes_per_row(model: HookedViT) -> int:
     """Rough peak activation memory of one batch row in a no-grad forward pass."""
     cfg = model.cfg
@@ -266,12 +287,7 @@ def run_restore(
     corrupted_score = apply_score(score_fn, corrupted_logits, target, clean_logits)
 
     # One mask per (cell, hook name): where that cell restores clean values at that hook.
-    cell_masks: list[dict[str, Tensor]] = []
-    for cell in cells:
-        masks: dict[str, Tensor] = {}
-        for site in cell:
-            masks[site.hook_name] = _site_mask(site, model, masks.get(site.hook_name))
-        cell_masks.append({name: mask.to(device) for name, mask in masks.items()})
+    cell_masks = site_masks(model, cells, device)
 
     rows_by_start: dict[int, list[tuple[int, int]]] = defaultdict(list)
     chosen = None if selected is None else selected.cpu()
@@ -309,9 +325,7 @@ def _restore_hooks(
     hooks = []
     names = {name for cell in cell_ids for name in cell_masks[cell]}
     for name in sorted(names):
-        some_mask = next(cell_masks[cell][name] for cell in cell_ids if name in cell_masks[cell])
-        empty = torch.zeros_like(some_mask)
-        mask = torch.stack([cell_masks[cell].get(name, empty) for cell in cell_ids])  # [row, pos(, head)]
+        mask = stack_site_masks(cell_masks, name, cell_ids)  # [row, pos(, head)]
         target_index = mask.nonzero(as_tuple=True)
         source_index = (images[target_index[0]], *target_index[1:])
 
