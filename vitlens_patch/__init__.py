@@ -5,8 +5,9 @@ Public names are imported lazily, so ``import vitlens_patch`` stays fast.
 
 from __future__ import annotations
 
-import importlib
 import sys
+
+from vitlens_patch.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -43,17 +44,7 @@ _SUBMODULES = {
 
 __all__ = sorted([*_PUBLIC, *_SUBMODULES])
 
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    if name in _SUBMODULES:
-        return importlib.import_module(_SUBMODULES[name])
-    raise AttributeError(f"module 'vitlens_patch' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, _SUBMODULES)
 
 
 if "ipykernel" in sys.modules:

@@ -6,7 +6,7 @@ that ``import vitlens_patch`` activates inside Jupyter) loads without torch.
 
 from __future__ import annotations
 
-import importlib
+from vitlens_patch.lazy import lazy_exports
 
 _PUBLIC = {
     "plot_attribution_grid": "vitlens_patch.plots.attribution",
@@ -20,12 +20,4 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'vitlens_patch.plots' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

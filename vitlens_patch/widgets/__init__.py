@@ -6,7 +6,7 @@ JavaScript only draws) and its static, offline HTML export.
 
 from __future__ import annotations
 
-import importlib
+from vitlens_patch.lazy import lazy_exports
 
 _PUBLIC = {
     "explore": "vitlens_patch.widgets.explorer",
@@ -20,12 +20,4 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'vitlens_patch.widgets' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)
