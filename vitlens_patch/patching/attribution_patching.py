@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor
@@ -68,6 +69,11 @@ QK_PATCHES = ("query", "key", "both")
 _QK_SITES = {"attn.hook_q": "query", "attn.hook_k": "key", "hook_resid_pre": "both"}
 
 
+# Bytes of one [image, head, pos, pos] float32 temporary of ``pattern_terms`` per chunk of images:
+# its ~20 elementwise passes ran 1.2-1.7x faster on chunks that stay in a CPU core's L2 cache.
+PATTERN_CHUNK_BYTES = 2**19
+
+
 def pattern_terms(
     q_clean: Float[Tensor, "batch pos head d_head"],
     k_clean: Float[Tensor, "batch pos head d_head"],
@@ -83,53 +89,98 @@ def pattern_terms(
     t of every row becomes ``q_corrupted . k_clean[t]``; ``"both"``: row t becomes
     ``q_clean[t] . k'`` (k' = corrupted keys with key t clean) and column t of the other rows
     ``q_corrupted . k_clean[t]``. Scores are ``q . k / sqrt(d_head)``. All rows, columns and tokens
-    are done at once, in float32: a new row is a softmax of [batch, head, pos, pos]; a changed
-    column t changes each row's softmax by a single entry: with score change ``delta`` and
-    ``r = 1 - p_t + p_t exp(delta)``, the new row is ``p / r`` with entry t ``p_t exp(delta) / r``.
+    are done at once, in float32, in chunks of images of ``PATTERN_CHUNK_BYTES``: a new row is a
+    softmax of [batch, head, pos, pos]; a changed column t changes each row's softmax by a single
+    entry (see :func:`_column_terms`).
 
     Returns:
         terms [batch, pos, head]: the first-order effect of token ``pos``'s patch, per head.
     """
     if patch not in QK_PATCHES:
         raise ValueError(f"patch must be one of {QK_PATCHES}, got {patch!r}")
+    batch, pos, head, _ = q_clean.shape
+    chunk = max(1, PATTERN_CHUNK_BYTES // (4 * head * pos * pos))
+    return torch.cat([
+        _pattern_terms_chunk(*(t[start : start + chunk] for t in (q_clean, k_clean, q_corrupted, k_corrupted,
+                                                                   grad_pattern)), patch)
+        for start in range(0, batch, chunk)
+    ])
+
+
+def _pattern_terms_chunk(q_clean, k_clean, q_corrupted, k_corrupted, grad_pattern, patch: str) -> Tensor:
+    """:func:`pattern_terms` on one chunk of images."""
     q_clean, k_clean, q_corrupted, k_corrupted = (
-        rearrange(t.float(), "batch pos head d_head -> batch head pos d_head").contiguous()
+        rearrange(t.float(), "batch pos head d_head -> batch head pos d_head")
         for t in (q_clean, k_clean, q_corrupted, k_corrupted)
     )
     grad = grad_pattern.float()
-    scale = q_clean.shape[-1] ** -0.5
-    scores = (q_corrupted @ k_corrupted.transpose(-1, -2)) * scale  # [batch, head, query, key]
-    log_pattern = scores.log_softmax(-1)
-    pattern = log_pattern.exp()
-    terms = torch.zeros(pattern.shape[:3], device=pattern.device)  # [batch, head, token]
+    q_corrupted = q_corrupted * q_clean.shape[-1] ** -0.5
+    scores = q_corrupted @ k_corrupted.transpose(-1, -2)  # [batch, head, query, key]
+    if scores.shape[-1] == 1:  # a single key: the pattern is 1 whatever the scores
+        return q_clean.new_zeros(q_clean.shape[0], 1, q_clean.shape[1])
+    row = _RowSoftmax(scores, grad)
+    terms = 0
     if patch in ("key", "both"):
-        # Score (q, t) changed by delta moves row q to p' and sum_k (p'_k - p_k) g_k equals
-        # u (g_t - sum_k p_k g_k) with u = p_t expm1(delta) / r, r = 1 - p_t + p_t exp(delta):
-        # u = sign(delta) (1 - exp(-|delta|)) exp(log p_t + max(delta, 0) - log r), which neither
-        # overflows nor loses 1 - p_t. At each row's largest entry, where p_t may round to 1, both
-        # 1 - p_t and g_t - sum_k p_k g_k are summed over the other entries.
-        delta = (q_corrupted @ k_clean.transpose(-1, -2)) * scale - scores  # [batch, head, query, t]
-        top = scores.argmax(-1, keepdim=True)
-        others = log_pattern.scatter(-1, top, -torch.inf)
-        log_rest_top = others.logsumexp(-1, keepdim=True)  # log(1 - p_top), from the other entries
-        log_rest = torch.log1p(-pattern).scatter(-1, top, log_rest_top)
-        log_u = log_pattern + delta.clamp(min=0) - torch.logaddexp(log_rest, log_pattern + delta)
-        size = torch.expm1(-delta.abs()).neg_().mul_(delta.sign())
-        column = size * log_u.exp() * (grad - (pattern * grad).sum(-1, keepdim=True))
-        # largest entry t: g_t - sum_k p_k g_k = (1 - p_t) sum_(k != t) w_k (g_t - g_k), w the
-        # other entries' weights normalised to sum 1
-        spread = (torch.exp(others - log_rest_top) * (grad.gather(-1, top) - grad)).sum(-1, keepdim=True)
-        column_top = size.gather(-1, top) * torch.exp(log_u.gather(-1, top) + log_rest_top) * spread
-        column = column.scatter(-1, top, column_top)
+        column = _column_terms(row, q_corrupted @ (k_clean - k_corrupted).transpose(-1, -2), grad)
         if patch == "both":  # row t is recomputed in full below
             column.diagonal(dim1=-2, dim2=-1).zero_()
-        terms = terms + column.sum(-2)
+        terms = column.sum(-2)
     if patch in ("query", "both"):
-        new_rows = (q_clean @ k_corrupted.transpose(-1, -2)) * scale  # [batch, head, t, key]
+        new_rows = (q_clean * q_clean.shape[-1] ** -0.5) @ k_corrupted.transpose(-1, -2)  # [batch, head, t, key]
         if patch == "both":
-            new_rows.diagonal(dim1=-2, dim2=-1).copy_((q_clean * k_clean).sum(-1) * scale)
-        terms = terms + ((new_rows.softmax(-1) - pattern) * grad).sum(-1)
+            new_rows.diagonal(dim1=-2, dim2=-1).copy_((q_clean * k_clean).sum(-1) * q_clean.shape[-1] ** -0.5)
+        terms = terms + (new_rows.softmax(-1) * grad).sum(-1) - row.mean_grad[..., 0]
     return rearrange(terms, "batch head pos -> batch pos head")
+
+
+class _RowSoftmax:
+    """Each row's softmax split into its largest entry and the rest, without under- or overflow.
+
+    Scores are shifted by the row's second-largest score, so the other entries' weights ``w``
+    (entry ``top`` set to 0) are at most 1 and sum to ``rest >= 1``; the largest entry's pattern
+    value is ``sigmoid(logit_top)`` with ``logit_top = (first - second) - log(rest)``, and the
+    other entries' ``w * sigmoid(-logit_top) / rest``. Per row ([batch, head, query, 1]):
+    ``top``, ``logit_top``, ``grad_top``, ``spread = grad_top - (weighted mean of the other
+    entries' grad)`` and ``mean_grad = sum_k pattern_k grad_k``; ``log_weights`` and
+    ``pattern`` are [batch, head, query, key] (pattern 0 at ``top``).
+    """
+
+    def __init__(self, scores: Tensor, grad: Tensor):
+        (first, second), (self.top, _) = (t.split(1, -1) for t in scores.topk(2, -1))
+        self.log_weights = scores.sub_(second)  # in place: the caller's scores are not used again
+        weights = self.log_weights.exp().scatter_(-1, self.top, 0.0)
+        rest = weights.sum(-1, keepdim=True)
+        self.logit_top = (first - second) - rest.log()
+        self.grad_top = grad.gather(-1, self.top)
+        self.spread = self.grad_top - (weights * grad).sum(-1, keepdim=True) / rest
+        self.mean_grad = self.grad_top - torch.sigmoid(-self.logit_top) * self.spread
+        self.log_scale = F.logsigmoid(-self.logit_top) - rest.log()  # log pattern = log_weights + log_scale
+        self.pattern = weights.mul_(self.log_scale.exp())
+
+
+def _column_terms(
+    row: _RowSoftmax, delta: Float[Tensor, "batch head query key"], grad: Float[Tensor, "batch head query key"]
+) -> Float[Tensor, "batch head query key"]:
+    """``sum_k (p'_k - p_k) g_k`` of each row when only entry t's score changes by ``delta[..., t]``.
+
+    The row becomes p' with ``p'_t = sigmoid(logit_t + delta)`` and the other entries scaled by
+    ``(1 - p'_t) / (1 - p_t)``, so the sum is ``(p'_t - p_t) (g_t - mean of the others' g)`` =
+    ``u (g_t - sum_k p_k g_k)`` with ``u = m / (1 + m)``, ``m = p_t e^delta - p_t``. For the
+    entries below a row's largest (``p_t <= 1/2``, so ``1 + m >= 1/2``) ``p_t e^delta`` is taken
+    in log space, capped at ``e^80`` where ``u`` is 1 in float32; at the largest entry, where
+    ``p_t`` may round to 1, ``(p'_t - p_t)`` is a difference of sigmoids written without
+    cancellation and multiplied by ``spread``.
+    """
+    shifted = row.log_weights.add_(delta).add_(row.log_scale).clamp_(max=80.0)  # log(p_t e^delta)
+    m = shifted.exp_().sub_(row.pattern)
+    column = m.div_(m + 1).mul_(grad - row.mean_grad)
+    d, logit = delta.gather(-1, row.top), row.logit_top
+    change_top = torch.where(
+        d > 0,
+        -torch.expm1(-d) * torch.sigmoid(logit + d) * torch.sigmoid(-logit),
+        torch.expm1(d) * torch.sigmoid(logit) * torch.sigmoid(-logit - d),
+    )
+    return column.scatter_(-1, row.top, change_top * row.spread)
 
 
 # Activation memory per attribution pass (MB). A backward pass keeps every layer's activations, so
