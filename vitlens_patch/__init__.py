@@ -11,25 +11,17 @@ from vitlens_patch.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_PUBLIC = {
-    "HookedViT": "vitlens_patch.model",
-    "ViTConfig": "vitlens_patch.model",
-    "DataConfig": "vitlens_patch.model",
-    "run_restore": "vitlens_patch.patching",
-    "Site": "vitlens_patch.patching",
-    "TraceResult": "vitlens_patch.patching",
-    "trace_layers": "vitlens_patch.patching",
-    "trace_grid": "vitlens_patch.patching",
-    "trace_heads": "vitlens_patch.patching",
-    "run_study": "vitlens_patch.studies",
-    "caap": "vitlens_patch.attribution",
-    "caap_layer_sweep": "vitlens_patch.recipes",
-    "grayscale_study": "vitlens_patch.recipes",
-    "cifar10_vit": "vitlens_patch.pretrained",
-    "evaluate": "vitlens_patch.evaluation",
-    "EvaluationSet": "vitlens_patch.evaluation",
-    "EvaluationResult": "vitlens_patch.evaluation",
-    "explore": "vitlens_patch.widgets",
+_PUBLIC = {  # module -> the public names it defines
+    "vitlens_patch.model": ("HookedViT", "ViTConfig", "DataConfig"),
+    "vitlens_patch.patching": (
+        "run_restore", "Site", "TraceResult", "trace_layers", "trace_grid", "trace_heads",
+    ),
+    "vitlens_patch.studies": ("run_study",),
+    "vitlens_patch.attribution": ("caap",),
+    "vitlens_patch.recipes": ("caap_layer_sweep", "grayscale_study"),
+    "vitlens_patch.pretrained": ("cifar10_vit",),
+    "vitlens_patch.evaluation": ("evaluate", "EvaluationSet", "EvaluationResult"),
+    "vitlens_patch.widgets": ("explore",),
 }
 _SUBMODULES = {
     "corruptions": "vitlens_patch.patching.corruptions",
@@ -42,9 +34,8 @@ _SUBMODULES = {
     "widgets": "vitlens_patch.widgets",
 }
 
-__all__ = sorted([*_PUBLIC, *_SUBMODULES])
-
 __getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, _SUBMODULES)
+__all__ = __dir__()
 
 
 if "ipykernel" in sys.modules:

@@ -7,22 +7,24 @@ Below every layer and importing only :mod:`importlib`, so the root package, ``pl
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 
 def lazy_exports(
-    package: str, names: Mapping[str, str], submodules: Mapping[str, str] | None = None
+    package: str, exports: Mapping[str, Sequence[str]], submodules: Mapping[str, str] | None = None
 ) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
     """The module-level ``__getattr__`` and ``__dir__`` of ``package``.
 
     Args:
         package: the package's ``__name__`` (named in the AttributeError).
-        names: public name -> the module defining it (``getattr(module, name)`` on access).
+        exports: module -> the public names it defines (``getattr(module, name)`` on access).
         submodules: public name -> a module returned whole on access.
 
     Returns:
-        ``(__getattr__, __dir__)``; ``__dir__`` lists ``names`` and ``submodules``, sorted.
+        ``(__getattr__, __dir__)``; ``__dir__()`` lists the exported names and ``submodules``,
+        sorted (the package's ``__all__``).
     """
+    names = {name: module for module, module_names in exports.items() for name in module_names}
     submodules = dict(submodules or {})
     public = sorted([*names, *submodules])
 
@@ -34,6 +36,6 @@ def lazy_exports(
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:
-        return public
+        return list(public)
 
     return __getattr__, __dir__

@@ -63,31 +63,25 @@ class AttentionRollout(Attributor):
             raise ValueError(f"head_fusion must be one of {tuple(HEAD_FUSIONS)}, got {head_fusion!r}")
         self.head_fusion = head_fusion
 
-    @property
-    def uses_target(self) -> bool:
-        return False
+    uses_target = False
 
-    def _attribute(
+    def _attribute_patches(
         self, images: Float[Tensor, "batch channel height width"], target: Int[Tensor, " batch"] | None
-    ) -> Float[Tensor, "batch grid_h grid_w"]:
+    ) -> Float[Tensor, "batch n_patches"]:
         cfg = self.model.cfg
         identity = torch.eye(cfg.n_pos, device=images.device, dtype=images.dtype)
+        rollout = identity.expand(len(images), -1, -1)
 
-        def rollout_batch(inputs: Tensor, batch_target: Tensor | None) -> Tensor:
-            rollout = identity.expand(len(inputs), -1, -1)
+        # Multiply layer by layer inside the hook, so no full pattern stack is ever kept.
+        def roll(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
+            nonlocal rollout
+            fused = HEAD_FUSIONS[self.head_fusion](pattern) + identity
+            rollout = (fused / fused.sum(dim=-1, keepdim=True)) @ rollout
 
-            # Multiply layer by layer inside the hook, so no full pattern stack is ever kept.
-            def roll(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
-                nonlocal rollout
-                fused = HEAD_FUSIONS[self.head_fusion](pattern) + identity
-                rollout = (fused / fused.sum(dim=-1, keepdim=True)) @ rollout
-
-            hooks = [(name, roll) for name in pattern_hook_names(cfg.n_layers)]
-            with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-                self.model(inputs)
-            return read_patch_relevance(rollout, cfg)
-
-        return self._to_grid(self._per_batch(images, target, rollout_batch))
+        hooks = [(name, roll) for name in pattern_hook_names(cfg.n_layers)]
+        with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
+            self.model(images)
+        return read_patch_relevance(rollout, cfg)
 
 
 class CheferAttention(Attributor):
@@ -102,22 +96,15 @@ class CheferAttention(Attributor):
         model, score, upsample, batch_size, progress: see ``Attributor``.
     """
 
-    @property
-    def requires_gradients(self) -> bool:
-        return True
+    requires_gradients = True
 
-    def _attribute(
+    def _attribute_patches(
         self, images: Float[Tensor, "batch channel height width"], target: Int[Tensor, " batch"] | None
-    ) -> Float[Tensor, "batch grid_h grid_w"]:
+    ) -> Float[Tensor, "batch n_patches"]:
         cfg = self.model.cfg
-        identity = torch.eye(cfg.n_pos, device=images.device, dtype=images.dtype)
-
-        def chefer_batch(inputs: Tensor, batch_target: Tensor | None) -> Tensor:
-            patterns, grads = self._score_gradients(inputs, batch_target, pattern_hook_names(cfg.n_layers))
-            relevance = identity.expand(len(inputs), -1, -1)
-            for pattern, grad in zip(patterns, grads):
-                weighted = (grad * pattern).clamp(min=0).mean(dim=1)
-                relevance = relevance + weighted @ relevance
-            return read_patch_relevance(relevance, cfg)
-
-        return self._to_grid(self._per_batch(images, target, chefer_batch))
+        patterns, grads = self._score_gradients(images, target, pattern_hook_names(cfg.n_layers))
+        relevance = torch.eye(cfg.n_pos, device=images.device, dtype=images.dtype).expand(len(images), -1, -1)
+        for pattern, grad in zip(patterns, grads):
+            weighted = (grad * pattern).clamp(min=0).mean(dim=1)
+            relevance = relevance + weighted @ relevance
+        return read_patch_relevance(relevance, cfg)

@@ -7,7 +7,7 @@ image over the patch grid, [batch, grid_h, grid_w] (or [batch, height, width] wh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -41,8 +41,11 @@ class Attributor:
 
     Subclasses implement ``_attribute(images, target)``: ``images`` are checked model inputs
     [batch, channel, height, width]; ``target`` is None (explain the predicted class, see
-    ``_score``) or a LongTensor [batch]; the result is [batch, grid_h, grid_w]. Register a subclass
-    with ``vitlens_patch.attribution.register_attributor(name, cls)`` to make it available by name.
+    ``_score``) or a LongTensor [batch]; the result is [batch, grid_h, grid_w]. A method that
+    explains each chunk of ``batch_size`` images on its own implements
+    ``_attribute_patches(images, target) -> [batch, n_patches]`` instead. Capabilities
+    (``requires_gradients``, ``uses_target``) are class attributes a subclass overrides. Register
+    a subclass with ``vitlens_patch.attribution.register_attributor(name, cls)`` to make it available by name.
     """
 
     def __init__(
@@ -80,15 +83,10 @@ class Attributor:
         self.progress = progress
 
     # ------------------------------------------------------------------ capabilities
-    @property
-    def requires_gradients(self) -> bool:
-        """Whether the method backpropagates through the model (slower, needs autograd)."""
-        return False
-
-    @property
-    def uses_target(self) -> bool:
-        """Whether the map depends on the target class (False: class-agnostic)."""
-        return True
+    #: Whether the method backpropagates through the model (slower, needs autograd).
+    requires_gradients: bool = False
+    #: Whether the map depends on the target class (False: class-agnostic).
+    uses_target: bool = True
 
     # ------------------------------------------------------------------------ public
     def attribute(
@@ -115,7 +113,16 @@ class Attributor:
     def _attribute(
         self, images: Float[Tensor, "batch channel height width"], target: Int[Tensor, " batch"] | None
     ) -> Float[Tensor, "batch grid_h grid_w"]:
-        raise NotImplementedError(f"{type(self).__name__} must implement _attribute")
+        """By default ``_attribute_patches`` on chunks of ``batch_size`` images, as grid maps."""
+        return self._to_grid(torch.cat([
+            self._attribute_patches(images[batch], None if target is None else target[batch])
+            for batch in self._batches(len(images))
+        ]))
+
+    def _attribute_patches(
+        self, images: Float[Tensor, "batch channel height width"], target: Int[Tensor, " batch"] | None
+    ) -> Float[Tensor, "batch n_patches"]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _attribute or _attribute_patches")
 
     # ------------------------------------------------------------ helpers for methods
     def _batches(self, n_items: int, desc: str | None = None) -> Iterator[slice]:
@@ -124,18 +131,6 @@ class Attributor:
         disable = not self.progress or len(starts) <= 1
         for start in tqdm(starts, desc=desc or type(self).__name__, disable=disable, leave=False):
             yield slice(start, min(start + self.batch_size, n_items))
-
-    def _per_batch(
-        self,
-        images: Float[Tensor, "batch channel height width"],
-        target: Int[Tensor, " batch"] | None,
-        attribute_batch: Callable[[Tensor, Tensor | None], Tensor],
-    ) -> Tensor:
-        """``attribute_batch(images, target)`` on chunks of ``batch_size`` images, concatenated."""
-        return torch.cat([
-            attribute_batch(images[batch], None if target is None else target[batch])
-            for batch in self._batches(len(images))
-        ])
 
     def _score_gradients(
         self,

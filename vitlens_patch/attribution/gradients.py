@@ -38,28 +38,22 @@ class GradCAM(Attributor):
         self.hook_name = hook_name or f"blocks.{model.cfg.n_layers - 1}.ln1.hook_normalized"
         model.hook_point(self.hook_name)  # unknown names: KeyError with near matches
 
-    @property
-    def requires_gradients(self) -> bool:
-        return True
+    requires_gradients = True
 
-    def _attribute(
+    def _attribute_patches(
         self, images: Float[Tensor, "batch channel height width"], target: Int[Tensor, " batch"] | None
-    ) -> Float[Tensor, "batch grid_h grid_w"]:
+    ) -> Float[Tensor, "batch n_patches"]:
         cfg = self.model.cfg
-
-        def gradcam_batch(inputs: Tensor, batch_target: Tensor | None) -> Tensor:
-            (activation,), (grad,) = self._score_gradients(inputs, batch_target, [self.hook_name])
-            if activation.ndim != 3 or activation.shape[1] != cfg.n_pos:
-                raise ValueError(
-                    f"hook_name must name a [batch, pos, d_model] hook point with pos = {cfg.n_pos}, "
-                    f"got {self.hook_name!r} with shape {tuple(activation.shape)}"
-                )
-            activation = activation[:, cfg.n_prefix_tokens :]
-            weights = grad[:, cfg.n_prefix_tokens :].mean(dim=1)  # [batch, d_model]
-            cam = einsum(activation, weights, "batch patch d_model, batch d_model -> batch patch")
-            return cam.clamp(min=0)
-
-        return self._to_grid(self._per_batch(images, target, gradcam_batch))
+        (activation,), (grad,) = self._score_gradients(images, target, [self.hook_name])
+        if activation.ndim != 3 or activation.shape[1] != cfg.n_pos:
+            raise ValueError(
+                f"hook_name must name a [batch, pos, d_model] hook point with pos = {cfg.n_pos}, "
+                f"got {self.hook_name!r} with shape {tuple(activation.shape)}"
+            )
+        activation = activation[:, cfg.n_prefix_tokens :]
+        weights = grad[:, cfg.n_prefix_tokens :].mean(dim=1)  # [batch, d_model]
+        cam = einsum(activation, weights, "batch patch d_model, batch d_model -> batch patch")
+        return cam.clamp(min=0)
 
 
 class IntegratedGradients(Attributor):
@@ -101,9 +95,7 @@ class IntegratedGradients(Attributor):
         self.sigma = sigma
         self._integrated_gradients = CaptumIntegratedGradients(self._forward_score)
 
-    @property
-    def requires_gradients(self) -> bool:
-        return True
+    requires_gradients = True
 
     def _forward_score(
         self, images: Float[Tensor, "batch channel height width"], target: Int[Tensor, " batch"]

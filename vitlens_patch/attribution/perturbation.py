@@ -30,14 +30,7 @@ class Occlusion(Attributor):
         sigma: blur standard deviation in pixels for ``fill="blur"``.
     """
 
-    def __init__(
-        self,
-        model: HookedViT,
-        *,
-        fill: Fill = "blur",
-        sigma: float = 2.0,
-        **options,
-    ):
+    def __init__(self, model: HookedViT, *, fill: Fill = "blur", sigma: float = 2.0, **options):
         super().__init__(model, **options)
         self.fill = check_fill(fill, "fill")
         self.sigma = sigma

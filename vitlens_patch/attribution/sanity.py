@@ -24,9 +24,7 @@ class RandomAttribution(Attributor):
         super().__init__(model, **options)
         self.seed = seed
 
-    @property
-    def uses_target(self) -> bool:
-        return False
+    uses_target = False
 
     def _attribute(
         self, images: Float[Tensor, "batch channel height width"], target: Int[Tensor, " batch"] | None

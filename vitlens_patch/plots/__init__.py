@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from vitlens_patch.lazy import lazy_exports
 
-_PUBLIC = {
-    "plot_attribution_grid": "vitlens_patch.plots.attribution",
-    "plot_method_comparison": "vitlens_patch.plots.attribution",
-    "plot_head_heatmap": "vitlens_patch.plots.tracing",
-    "plot_layer_curve": "vitlens_patch.plots.tracing",
-    "plot_patch_grid": "vitlens_patch.plots.tracing",
-    "plot_position_heatmap": "vitlens_patch.plots.tracing",
-    "use_offline_renderer": "vitlens_patch.plots.notebook",
+_PUBLIC = {  # module -> the public names it defines
+    "vitlens_patch.plots.attribution": ("plot_attribution_grid", "plot_method_comparison"),
+    "vitlens_patch.plots.tracing": (
+        "plot_head_heatmap", "plot_layer_curve", "plot_patch_grid", "plot_position_heatmap",
+    ),
+    "vitlens_patch.plots.notebook": ("use_offline_renderer",),
 }
 
-__all__ = sorted(_PUBLIC)
-
 __getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)
+__all__ = __dir__()

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 from vitlens_patch.lazy import lazy_exports
 
-_PUBLIC = {
-    "explore": "vitlens_patch.widgets.explorer",
-    "Explorer": "vitlens_patch.widgets.explorer",
-    "ExplorerSession": "vitlens_patch.widgets.session",
-    "ExplorerSettings": "vitlens_patch.widgets.session",
-    "ExplorerResult": "vitlens_patch.widgets.session",
-    "explorer_html": "vitlens_patch.widgets.export",
-    "write_explorer_html": "vitlens_patch.widgets.export",
+_PUBLIC = {  # module -> the public names it defines
+    "vitlens_patch.widgets.explorer": ("explore", "Explorer"),
+    "vitlens_patch.widgets.session": ("ExplorerSession", "ExplorerSettings", "ExplorerResult"),
+    "vitlens_patch.widgets.export": ("explorer_html", "write_explorer_html"),
 }
 
-__all__ = sorted(_PUBLIC)
-
 __getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)
+__all__ = __dir__()
