@@ -110,17 +110,24 @@ class Attention(nn.Module):
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
-        if self.ln is not None:
-            z_flat = self.ln(rearrange(z, "batch pos head d_head -> batch pos (head d_head)"))
-            return F.linear(z_flat, rearrange(self.W_O, "head d_head d_model -> d_model (head d_head)"), self.b_O)
-        if self.use_attn_result:
-            result = self.hook_result(
-                einsum(z, self.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
-            )
-            out = result.sum(dim=2)
-            return out if self.b_O is None else out + self.b_O
-        return F.linear(
-            rearrange(z, "batch pos head d_head -> batch pos (head d_head)"),
-            rearrange(self.W_O, "head d_head d_model -> d_model (head d_head)"),
-            self.b_O,
-        )
+        return project_output(z, self.W_O, self.b_O, self.ln, self.hook_result if self.use_attn_result else None)
+
+
+def project_output(
+    z: Float[Tensor, "batch pos head width"],
+    W_O: Float[Tensor, "head width d_model"],
+    b_O: Float[Tensor, " d_model"] | None,
+    ln: nn.Module | None,
+    hook_result: HookPoint | None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The attention output ``sum_head z W_O + b_O``. With ``ln`` (a norm over all heads' z, EVA-02's
+    sub-LN) there are no per-head results; else with ``hook_result`` (``use_attn_result``) the
+    per-head results [batch, pos, head, d_model] pass through it before the sum; else one matmul."""
+    if ln is None and hook_result is not None:
+        result = hook_result(einsum(z, W_O, "batch pos head width, head width d_model -> batch pos head d_model"))
+        out = result.sum(dim=2)
+        return out if b_O is None else out + b_O
+    z_flat = rearrange(z, "batch pos head width -> batch pos (head width)")
+    if ln is not None:
+        z_flat = ln(z_flat)
+    return F.linear(z_flat, rearrange(W_O, "head width d_model -> d_model (head width)"), b_O)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from vitlens_patch.model.components.attention import project_output
 from vitlens_patch.model.components.layer_norm import RMSNorm, is_hooked, make_norm
 from vitlens_patch.model.config import ViTConfig
 
@@ -97,17 +98,4 @@ class DiffAttention(nn.Module):
             z = pattern @ v
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, 2 * d_head]
         z = self.sub_ln(z) * (1 - self.lambda_init).to(z.dtype)
-        if self.ln is not None:
-            z_flat = self.ln(rearrange(z, "batch pos head width -> batch pos (head width)"))
-            return F.linear(z_flat, rearrange(self.W_O, "head width d_model -> d_model (head width)"), self.b_O)
-        if self.use_attn_result:
-            result = self.hook_result(
-                einsum(z, self.W_O, "batch pos head width, head width d_model -> batch pos head d_model")
-            )
-            out = result.sum(dim=2)
-            return out if self.b_O is None else out + self.b_O
-        return F.linear(
-            rearrange(z, "batch pos head width -> batch pos (head width)"),
-            rearrange(self.W_O, "head width d_model -> d_model (head width)"),
-            self.b_O,
-        )
+        return project_output(z, self.W_O, self.b_O, self.ln, self.hook_result if self.use_attn_result else None)
