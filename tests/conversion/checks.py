@@ -3,6 +3,9 @@ variants): relative error, live hooks, and the patching tools against per-cell r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import pytest
 import torch
 
 from vitlens_patch.model import HookedViT
@@ -69,8 +72,9 @@ def perturb_parameters(model: torch.nn.Module, scale: float = 0.05, seed: int = 
 
 
 def assert_timm_parity(timm_model: torch.nn.Module, images: torch.Tensor) -> HookedViT:
-    """``HookedViT.from_timm(timm_model)``: its output and every block's output (``resid_post``)
-    within TOLERANCE of the timm model's; returns the converted model."""
+    """``HookedViT.from_timm(timm_model)``: its output (with no hook cached and with every hook
+    cached) and every block's output (``resid_post``) within TOLERANCE of the timm model's;
+    returns the converted model."""
     hooked = HookedViT.from_timm(timm_model)
     with torch.no_grad():
         expected_blocks = []
@@ -81,9 +85,60 @@ def assert_timm_parity(timm_model: torch.nn.Module, images: torch.Tensor) -> Hoo
             for handle in handles:
                 handle.remove()
         output, cache = hooked.run_with_cache(images, names_filter=lambda name: name.endswith("hook_resid_post"))
+        explicit, _ = hooked.run_with_cache(images)  # every hook cached: patterns and norm scales materialised
     assert output.shape == expected.shape
     assert relative_error(output, expected) <= TOLERANCE
+    assert relative_error(explicit, expected) <= TOLERANCE
     assert len(expected_blocks) == hooked.cfg.n_layers
     for layer, block_out in enumerate(expected_blocks):
         assert relative_error(cache["resid_post", layer], block_out) <= TOLERANCE, layer
     return hooked
+
+
+def seeded_images(batch: int = 3, size: Sequence[int] = (32, 32)) -> torch.Tensor:
+    """Random images [batch, 3, height, width], the same on every call."""
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
+
+
+def family_tests(
+    build: Callable[..., torch.nn.Module],
+    families: dict[str, dict],
+    *,
+    live: Sequence[str] | None = None,
+    traced: Sequence[str] | None = None,
+    image_size: Callable[[torch.nn.Module], Sequence[int]] = lambda model: (32, 32),
+) -> tuple[Callable, Callable, Callable]:
+    """The tests every converted timm family gets, parametrised over ``families`` (name -> kwargs
+    of ``build``, which returns a perturbed timm model): parity with timm, every hook live (the
+    ``live`` names; default all) and the patching tools against per-cell references (``traced``;
+    default all), on ``seeded_images`` of ``image_size(model)``. A test module assigns them to
+    ``test_*`` names."""
+
+    @pytest.mark.parametrize("family", list(families))
+    def test_parity(family):
+        model = build(**families[family])
+        assert_timm_parity(model, seeded_images(3, image_size(model)))
+
+    @pytest.mark.parametrize("family", list(families) if live is None else live)
+    def test_every_hook_is_live(family):
+        model = build(**families[family])
+        assert_every_hook_is_live(HookedViT.from_timm(model), seeded_images(2, image_size(model)))
+
+    @pytest.mark.parametrize("family", list(families) if traced is None else traced)
+    def test_tools_match_references(family):
+        model = build(**families[family])
+        assert_tools_match_references(HookedViT.from_timm(model), seeded_images(2, image_size(model)))
+
+    return test_parity, test_every_hook_is_live, test_tools_match_references
+
+
+def refusal_test(build: Callable[..., torch.nn.Module], unsupported: list[tuple[dict, str]]) -> Callable:
+    """A test, parametrised over ``unsupported`` (kwargs of ``build``, message), that converting
+    ``build(**kwargs)`` raises ``NotImplementedError`` matching the message."""
+
+    @pytest.mark.parametrize("overrides, message", unsupported, ids=[message for _, message in unsupported])
+    def test_unsupported_feature_raises_naming_it(overrides, message):
+        with pytest.raises(NotImplementedError, match=message):
+            HookedViT.from_timm(build(**overrides))
+
+    return test_unsupported_feature_raises_naming_it

@@ -6,9 +6,7 @@ import timm
 import torch
 from timm.models.beit import Beit
 
-from tests.conversion.checks import (
-    assert_every_hook_is_live, assert_timm_parity, assert_tools_match_references, perturb_parameters,
-)
+from tests.conversion.checks import assert_timm_parity, family_tests, perturb_parameters, refusal_test, seeded_images
 from vitlens_patch.conversion.beit import convert_beit_state_dict
 from vitlens_patch.conversion.timm import config_from_timm
 from vitlens_patch.model import HookedViT
@@ -33,23 +31,9 @@ def tiny_beit(**overrides) -> Beit:
     return perturb_parameters(Beit(**(TINY | overrides)))
 
 
-def images(batch: int = 3) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_beit_family_parity(family):
-    assert_timm_parity(tiny_beit(**FAMILIES[family]), images())
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_hook_of_a_beit_is_live(family):
-    assert_every_hook_is_live(HookedViT.from_timm(tiny_beit(**FAMILIES[family])), images(2))
-
-
-@pytest.mark.parametrize("family", ["beit_rel_pos_bias_layer_scale", "headless_beit"])
-def test_trace_layers_trace_grid_and_caap_on_beit_match_per_cell_references(family):
-    assert_tools_match_references(HookedViT.from_timm(tiny_beit(**FAMILIES[family])), images(2))
+test_beit_family_parity, test_every_hook_of_a_beit_is_live, test_tools_on_beit_match_per_cell_references = (
+    family_tests(tiny_beit, FAMILIES, traced=["beit_rel_pos_bias_layer_scale", "headless_beit"])
+)
 
 
 @pytest.mark.parametrize("name", ["beit_base_patch16_224", "beitv2_base_patch16_224"])
@@ -61,7 +45,7 @@ def test_beit_registry_models_by_name(name):
 
 def test_attention_scores_hook_sees_the_relative_position_bias_added():
     model = HookedViT.from_timm(tiny_beit(use_rel_pos_bias=True, use_abs_pos_emb=False))
-    _, cache = model.run_with_cache(images(2), names_filter=lambda name: name.startswith("blocks.0.attn.hook_"))
+    _, cache = model.run_with_cache(seeded_images(2), names_filter=lambda name: name.startswith("blocks.0.attn.hook_"))
     attn = model.blocks[0].attn
     q, k = (cache[f"blocks.0.attn.hook_{name}"].transpose(1, 2) for name in "qk")
     bias = attn.rel_pos()
@@ -84,8 +68,8 @@ def test_beit_state_dict_conversion_is_strict():
         convert_beit_state_dict(state, cfg)
 
 
-def test_unsupported_beit_feature_raises_naming_it():
-    with pytest.raises(NotImplementedError, match="global_pool='' with a classifier"):
-        HookedViT.from_timm(tiny_beit(global_pool=""))
-    with pytest.raises(NotImplementedError, match="normalisation RmsNorm"):
-        HookedViT.from_timm(tiny_beit(norm_layer=timm.layers.RmsNorm))
+UNSUPPORTED = [
+    (dict(global_pool=""), "global_pool='' with a classifier"),
+    (dict(norm_layer=timm.layers.RmsNorm), "normalisation RmsNorm"),
+]
+test_unsupported_beit_feature_raises_naming_it = refusal_test(tiny_beit, UNSUPPORTED)

@@ -6,10 +6,7 @@ import timm
 import torch
 from timm.models.eva import Eva
 
-from tests.conversion.checks import (
-    assert_every_hook_is_live, assert_timm_parity, assert_tools_match_references, perturb_parameters,
-)
-from tests.conversion.test_timm import assert_parity
+from tests.conversion.checks import assert_timm_parity, family_tests, perturb_parameters, refusal_test
 from tests.references import caap_per_patch_reference
 from vitlens_patch.attribution.caap import caap
 from vitlens_patch.conversion import config_from_timm
@@ -51,26 +48,16 @@ FAMILIES = {
 def tiny_eva(**overrides) -> Eva:
     """A 2-layer Eva with every parameter perturbed (so a misplaced one shows), in eval mode."""
     torch.manual_seed(0)
-    model = Eva(**(TINY | overrides))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return model.eval()
+    return perturb_parameters(Eva(**(TINY | overrides)))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_eva_family_parity(family):
-    assert_parity(tiny_eva(**FAMILIES[family]), torch.randn(3, 3, 32, 32))
-
-
-@pytest.mark.parametrize("family", [
+NEW_VARIANTS = [
     "eva02_separate_qkv_projections", "sapiens2_gqa_rms_norm_attn_only_layer_scale", "eva_clip_post_norm_blocks",
     "perception_encoder_map_pool",
-])
-def test_every_hook_of_the_new_eva_variants_is_live_and_tools_match_references(family):
-    model = HookedViT.from_timm(tiny_eva(**FAMILIES[family]))
-    assert_every_hook_is_live(model, torch.randn(2, 3, 32, 32))
-    assert_tools_match_references(model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+]
+test_eva_family_parity, test_every_hook_of_the_new_eva_variants_is_live, test_tools_on_the_new_eva_variants_match_references = (
+    family_tests(tiny_eva, FAMILIES, live=NEW_VARIANTS, traced=NEW_VARIANTS)
+)
 
 
 @pytest.mark.parametrize("name, kwargs", [
@@ -88,7 +75,7 @@ def test_eva_registry_model_by_name():
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=2).eval()
     cfg = config_from_timm(model)
     assert (cfg.rotary, cfg.gated_mlp) == ("interleaved", True)
-    assert_parity(model, torch.randn(2, 3, 56, 56))
+    assert_timm_parity(model, torch.randn(2, 3, 56, 56))
 
 
 def test_hook_q_and_k_see_the_rotated_queries_and_keys():
@@ -153,13 +140,10 @@ def test_caap_on_eva_equals_per_patch_reference():
 
 
 UNSUPPORTED = [
-    (lambda: tiny_eva(global_pool="map", swiglu_mlp=True), "pooling MLP of another activation"),
-    (lambda: tiny_eva(norm_layer=timm.layers.BatchNormAct2d), "normalisation BatchNormAct2d"),
-    (lambda: tiny_eva(dynamic_img_pad=True), "Eva patch embedding PatchEmbed with these options"),
+    (dict(global_pool="map", swiglu_mlp=True), "pooling MLP of another activation"),
+    (dict(norm_layer=timm.layers.BatchNormAct2d), "normalisation BatchNormAct2d"),
+    (dict(dynamic_img_pad=True), "Eva patch embedding PatchEmbed with these options"),
 ]
 
 
-@pytest.mark.parametrize("build, message", UNSUPPORTED, ids=[m for _, m in UNSUPPORTED])
-def test_unsupported_eva_feature_raises_naming_it(build, message):
-    with pytest.raises(NotImplementedError, match=message):
-        HookedViT.from_timm(build())
+test_unsupported_eva_feature_raises_naming_it = refusal_test(tiny_eva, UNSUPPORTED)

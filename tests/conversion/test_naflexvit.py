@@ -7,9 +7,7 @@ import timm
 import torch
 from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
 
-from tests.conversion.checks import (
-    assert_every_hook_is_live, assert_timm_parity, assert_tools_match_references, perturb_parameters,
-)
+from tests.conversion.checks import assert_timm_parity, family_tests, perturb_parameters, refusal_test
 from vitlens_patch.conversion.naflexvit import convert_naflexvit_state_dict
 from vitlens_patch.conversion.timm import config_from_timm
 from vitlens_patch.model import HookedViT
@@ -40,23 +38,11 @@ def tiny_naflexvit(**overrides) -> NaFlexVit:
     return perturb_parameters(model)
 
 
-def images(batch: int = 3) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_naflexvit_family_parity(family):
-    assert_timm_parity(tiny_naflexvit(**FAMILIES[family]), images())
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_hook_of_a_naflexvit_is_live(family):
-    assert_every_hook_is_live(HookedViT.from_timm(tiny_naflexvit(**FAMILIES[family])), images(2))
-
-
-@pytest.mark.parametrize("family", ["naflex_siglip_map_pool", "radio_class_token_bilinear_align_corners", "headless_naflex"])
-def test_trace_layers_trace_grid_and_caap_on_naflexvit_match_per_cell_references(family):
-    assert_tools_match_references(HookedViT.from_timm(tiny_naflexvit(**FAMILIES[family])), images(2))
+test_naflexvit_family_parity, test_every_hook_of_a_naflexvit_is_live, test_tools_on_naflexvit_match_per_cell_references = (
+    family_tests(
+        tiny_naflexvit, FAMILIES, traced=["naflex_siglip_map_pool", "radio_class_token_bilinear_align_corners", "headless_naflex"]
+    )
+)
 
 
 @pytest.mark.parametrize("name", ["naflexvit_base_patch16_siglip", "naflexvit_base_patch16_parfac_gap",
@@ -85,7 +71,4 @@ UNSUPPORTED = [
 ]
 
 
-@pytest.mark.parametrize("overrides, message", UNSUPPORTED, ids=[m for _, m in UNSUPPORTED])
-def test_unsupported_naflexvit_feature_raises_naming_it(overrides, message):
-    with pytest.raises(NotImplementedError, match=message):
-        HookedViT.from_timm(tiny_naflexvit(**overrides))
+test_unsupported_naflexvit_feature_raises_naming_it = refusal_test(tiny_naflexvit, UNSUPPORTED)

@@ -7,8 +7,7 @@ import torch
 from timm.models.vision_transformer_relpos import ResPostRelPosBlock, VisionTransformerRelPos
 
 from tests.conversion.checks import (
-    TOLERANCE, assert_every_hook_is_live, assert_timm_parity, assert_tools_match_references, perturb_parameters,
-    relative_error,
+    TOLERANCE, assert_timm_parity, family_tests, perturb_parameters, refusal_test, relative_error, seeded_images,
 )
 from vitlens_patch.conversion.relpos import convert_relpos_state_dict
 from vitlens_patch.conversion.timm import config_from_timm
@@ -33,23 +32,12 @@ def tiny_relpos(**overrides) -> VisionTransformerRelPos:
     return perturb_parameters(VisionTransformerRelPos(**(TINY | overrides)))
 
 
-def images(batch: int = 3) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_relpos_family_parity(family):
-    assert_timm_parity(tiny_relpos(**FAMILIES[family]), images())
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_hook_of_a_relpos_vit_is_live(family):
-    assert_every_hook_is_live(HookedViT.from_timm(tiny_relpos(**FAMILIES[family])), images(2))
-
-
-@pytest.mark.parametrize("family", ["relpos_mlp_class_token_fc_norm", "relpos_post_norm_rpn", "headless_relpos_qk_norm"])
-def test_trace_layers_trace_grid_and_caap_on_relpos_match_per_cell_references(family):
-    assert_tools_match_references(HookedViT.from_timm(tiny_relpos(**FAMILIES[family])), images(2))
+test_relpos_family_parity, test_every_hook_of_a_relpos_vit_is_live, test_tools_on_relpos_match_per_cell_references = (
+    family_tests(
+        tiny_relpos, FAMILIES,
+        traced=["relpos_mlp_class_token_fc_norm", "relpos_post_norm_rpn", "headless_relpos_qk_norm"],
+    )
+)
 
 
 def test_explicit_attention_path_adds_the_same_bias_as_timm():
@@ -57,7 +45,7 @@ def test_explicit_attention_path_adds_the_same_bias_as_timm():
     hooked = HookedViT.from_timm(model)
     identity = [(f"blocks.{i}.attn.hook_attn_scores", lambda scores, hook: scores) for i in range(2)]
     with torch.no_grad():
-        assert relative_error(hooked.run_with_hooks(images(), fwd_hooks=identity), model(images())) <= TOLERANCE
+        assert relative_error(hooked.run_with_hooks(seeded_images(), fwd_hooks=identity), model(seeded_images())) <= TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["vit_relpos_small_patch16_224", "vit_relpos_medium_patch16_cls_224",
@@ -78,8 +66,8 @@ def test_relpos_state_dict_conversion_is_strict():
         convert_relpos_state_dict(state, cfg)
 
 
-def test_unsupported_relpos_feature_raises_naming_it():
-    with pytest.raises(NotImplementedError, match="global_pool='' with a classifier"):
-        HookedViT.from_timm(tiny_relpos(global_pool=""))
-    with pytest.raises(NotImplementedError, match="normalisation RmsNorm"):
-        HookedViT.from_timm(tiny_relpos(norm_layer=timm.layers.RmsNorm))
+UNSUPPORTED = [
+    (dict(global_pool=""), "global_pool='' with a classifier"),
+    (dict(norm_layer=timm.layers.RmsNorm), "normalisation RmsNorm"),
+]
+test_unsupported_relpos_feature_raises_naming_it = refusal_test(tiny_relpos, UNSUPPORTED)

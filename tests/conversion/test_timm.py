@@ -10,10 +10,9 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
 from tests.conftest import tiny_timm_vit
+from tests.conversion.checks import assert_timm_parity
 from vitlens_patch.conversion import config_from_timm, convert_timm_state_dict
 from vitlens_patch.model import HookedViT
-
-TOLERANCE = 1e-4
 
 FAMILIES = {
     "plain_vit_token_pool": dict(),
@@ -42,26 +41,11 @@ FAMILIES = {
 }
 
 
-def assert_parity(timm_model: nn.Module, images: torch.Tensor) -> None:
-    hooked = HookedViT.from_timm(timm_model)
-    with torch.no_grad():
-        expected_blocks = []
-        handles = [b.register_forward_hook(lambda m, i, o: expected_blocks.append(o)) for b in timm_model.blocks]
-        expected = timm_model(images)
-        for handle in handles:
-            handle.remove()
-        logits, cache = hooked.run_with_cache(images, names_filter=lambda name: name.endswith("hook_resid_post"))
-    assert (logits - expected).abs().max().item() <= TOLERANCE
-    assert len(expected_blocks) == hooked.cfg.n_layers
-    for layer, block_out in enumerate(expected_blocks):
-        assert (cache["resid_post", layer] - block_out).abs().max().item() <= TOLERANCE
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_timm_family_parity(family):
     model = tiny_timm_vit(**FAMILIES[family])
     height, width = model.patch_embed.img_size
-    assert_parity(model, torch.randn(4, 3, height, width))
+    assert_timm_parity(model, torch.randn(4, 3, height, width))
 
 
 @pytest.mark.parametrize("num_classes", [10, 0])
@@ -71,7 +55,7 @@ def test_deit_distilled_parity_two_prefix_tokens_two_heads(num_classes):
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=num_classes
     ).eval()
     assert config_from_timm(model).n_prefix_tokens == 2
-    assert_parity(model, torch.randn(4, 3, 32, 32))
+    assert_timm_parity(model, torch.randn(4, 3, 32, 32))
 
 
 def test_headless_output_shapes_and_hook_pooled():
@@ -88,7 +72,7 @@ def test_headless_output_shapes_and_hook_pooled():
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_base_patch32_clip_224.openai"])
 def test_timm_registry_models_by_name(name):
     model = timm.create_model(name, pretrained=False, img_size=64, depth=2).eval()
-    assert_parity(model, torch.randn(2, 3, 64, 64))
+    assert_timm_parity(model, torch.randn(2, 3, 64, 64))
 
 
 def test_from_timm_copies_data_config():

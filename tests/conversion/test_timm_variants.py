@@ -16,7 +16,7 @@ from timm.models.vision_transformer import (
     VisionTransformer,
 )
 
-from tests.conversion.checks import TOLERANCE, assert_every_hook_is_live, assert_tools_match_references, relative_error
+from tests.conversion.checks import TOLERANCE, family_tests, perturb_parameters, relative_error, seeded_images
 from vitlens_patch.model import HookedViT
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
@@ -79,49 +79,16 @@ FAMILIES = {
 def tiny_vit(**overrides) -> VisionTransformer:
     """A 2-layer VisionTransformer with every parameter perturbed (so a misplaced one shows), in eval mode."""
     torch.manual_seed(0)
-    model = VisionTransformer(**(TINY | overrides))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    return model.eval()
+    return perturb_parameters(VisionTransformer(**(TINY | overrides)), scale=0.1)
 
 
-def images(model, batch: int = 3) -> torch.Tensor:
-    height, width = model.patch_embed.img_size
-    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+def image_size(model: VisionTransformer) -> tuple[int, int]:
+    return model.patch_embed.img_size
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_output_and_every_residual_stream_match_timm(family):
-    model = tiny_vit(**FAMILIES[family])
-    hooked = HookedViT.from_timm(model)
-    x = images(model)
-    with torch.no_grad():
-        blocks = []
-        handles = [block.register_forward_hook(lambda m, i, o: blocks.append(o)) for block in model.blocks]
-        expected = model(x)
-        for handle in handles:
-            handle.remove()
-        output, cache = hooked.run_with_cache(x, names_filter=lambda name: name.endswith("hook_resid_post"))
-        explicit, _ = hooked.run_with_cache(x)  # every hook cached: patterns and norm scales materialised
-    assert output.shape == expected.shape
-    assert relative_error(output, expected) <= TOLERANCE
-    assert relative_error(explicit, expected) <= TOLERANCE
-    assert len(blocks) == hooked.cfg.n_layers
-    for layer, block_out in enumerate(blocks):
-        assert relative_error(cache["resid_post", layer], block_out) <= TOLERANCE, layer
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_hook_is_live(family):
-    model = tiny_vit(**FAMILIES[family])
-    assert_every_hook_is_live(HookedViT.from_timm(model), images(model, 2))
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_trace_layers_trace_grid_and_caap_match_per_cell_references(family):
-    model = tiny_vit(**FAMILIES[family])
-    assert_tools_match_references(HookedViT.from_timm(model), images(model, 2))
+test_output_and_every_residual_stream_match_timm, test_every_hook_is_live, test_tools_match_per_cell_references = (
+    family_tests(tiny_vit, FAMILIES, image_size=image_size)
+)
 
 
 def test_attention_pool_hooks_have_their_documented_shapes():
@@ -142,7 +109,7 @@ def test_timm_siglip_by_name():
                               num_heads=2).eval()
     hooked = HookedViT.from_timm(model)
     assert hooked.cfg.pooling == "map"
-    x = images(model, 2)
+    x = seeded_images(2, image_size(model))
     with torch.no_grad():
         assert relative_error(hooked(x), model(x)) <= TOLERANCE
 

@@ -32,14 +32,10 @@ def config_from_model(model: nn.Module) -> ViTConfig:
     embed = model.patch_embed
     if type(embed) is not PatchEmbed or embed.dynamic_img_pad or not embed.flatten or not isinstance(embed.norm, nn.Identity):
         raise NotImplementedError(f"Beit patch embedding {type(embed).__name__} with these options is not supported")
-    blocks = timm_blocks(model, Block, "Beit block type")
+    blocks = timm_blocks(model, Block, "Beit block type", attention_types=(Attention,), mlp_types=(Mlp, SwiGLU))
     first = blocks[0]
     for index, block in enumerate(blocks):
         where = f"blocks.{index}"
-        if type(block.attn) is not Attention:
-            raise NotImplementedError(f"{where}: attention type {type(block.attn).__name__} is not supported")
-        if type(block.mlp) not in (Mlp, SwiGLU) or type(block.mlp) is not type(first.mlp):
-            raise NotImplementedError(f"{where}: MLP type {type(block.mlp).__name__} is not supported")
         if (block.attn.relative_position_bias_table is None) != (first.attn.relative_position_bias_table is None):
             raise NotImplementedError(f"{where}: blocks with different options are not supported")
         for name in ("norm1", "norm2"):

@@ -25,7 +25,9 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     from timm.layers.attention import AttentionRope
     from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 
-    from vitlens_patch.conversion.timm import activation_name, check_attention_pool, norm_kind, timm_mlp_fields
+    from vitlens_patch.conversion.timm import (
+        activation_name, check_attention_pool, check_timm_norms, timm_blocks, timm_mlp_fields,
+    )
 
     if model.global_pool not in ("token", "avg", "max", "avgmax", "map", ""):
         raise NotImplementedError(f"Eva global_pool={model.global_pool!r} is not supported")
@@ -38,17 +40,15 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
     embed = model.patch_embed
     if type(embed) is not PatchEmbed or embed.dynamic_img_pad or not isinstance(embed.norm, nn.Identity):
         raise NotImplementedError(f"Eva patch embedding {type(embed).__name__} with these options is not supported")
-    blocks = list(model.blocks)
+    blocks = timm_blocks(
+        model, (EvaBlock, EvaBlockPostNorm), "Eva block type",
+        attention_types=(EvaAttention, AttentionRope), mlp_types=(Mlp, GluMlp, SwiGLU),
+    )
     first = blocks[0]
     for index, block in enumerate(blocks):
         where = f"blocks.{index}"
-        if type(block) not in (EvaBlock, EvaBlockPostNorm) or type(block) is not type(first):
-            raise NotImplementedError(f"{where}: Eva block type {type(block).__name__} is not supported")
-        attn = block.attn
-        if type(attn) not in (EvaAttention, AttentionRope) or attn.gate is not None:
-            raise NotImplementedError(f"{where}: attention type {type(attn).__name__} (or gated attention) is not supported")
-        if type(block.mlp) not in (Mlp, GluMlp, SwiGLU):
-            raise NotImplementedError(f"{where}: MLP type {type(block.mlp).__name__} is not supported")
+        if block.attn.gate is not None:
+            raise NotImplementedError(f"{where}: gated attention is not supported")
         if type(block.mlp) is GluMlp and (block.mlp.gate_last or block.mlp.chunk_dim != -1):
             raise NotImplementedError(f"{where}: GluMlp with gate_last=True is not supported")
         if (getattr(block, "gamma_1", None) is None) != (getattr(first, "gamma_1", None) is None) or (
@@ -56,22 +56,10 @@ def config_from_eva(model: nn.Module) -> ViTConfig:
             raise NotImplementedError(f"{where}: blocks with different options are not supported")
         if getattr(block, "gamma_1", None) is None and getattr(block, "gamma_2", None) is not None:
             raise NotImplementedError(f"{where}: layer scale on the MLP branch only is not supported")
-        if type(block.mlp) is not type(first.mlp) or type(attn) is not type(first.attn):
-            raise NotImplementedError(f"{where}: blocks with different options are not supported")
-        if (attn.qkv is None) != (first.attn.qkv is None):
+        if (block.attn.qkv is None) != (first.attn.qkv is None):
             raise NotImplementedError(f"{where}: blocks with different options are not supported")
     attn, mlp = first.attn, first.mlp
-    norm, eps = norm_kind(first.norm1, "blocks.0.norm1")
-    norms = [(f"blocks.{i}.{name}", getattr(block, name)) for i, block in enumerate(blocks) for name in ("norm1", "norm2")]
-    norms += [(f"blocks.{i}.attn.{name}", getattr(block.attn, name)) for i, block in enumerate(blocks)
-              for name in ("q_norm", "k_norm", "norm")]
-    norms += [(f"blocks.{i}.mlp.norm", block.mlp.norm) for i, block in enumerate(blocks)]
-    norms += [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre)]
-    if model.attn_pool is not None:
-        norms.append(("attn_pool.norm", model.attn_pool.norm))
-    for name, layer in norms:
-        if not isinstance(layer, nn.Identity) and norm_kind(layer, name) != (norm, eps):
-            raise NotImplementedError(f"{name}: a norm kind or eps different from the blocks' is not supported")
+    norm, eps = check_timm_norms(model, blocks, ("patch_embed.norm", embed.norm))
     if model.rope is not None and type(model.rope).__name__ not in ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMixed"):
         raise NotImplementedError(f"rotary embedding {type(model.rope).__name__} is not supported")
     mlp_fields = timm_mlp_fields(mlp, "blocks.0.mlp")

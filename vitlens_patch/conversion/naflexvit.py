@@ -41,7 +41,7 @@ def config_from_model(model: nn.Module) -> ViTConfig:
     """
     from timm.models.vision_transformer import Block
 
-    from vitlens_patch.conversion.timm import check_attention_pool, check_norms_agree, norm_kind, timm_block_fields, timm_blocks
+    from vitlens_patch.conversion.timm import check_attention_pool, check_timm_norms, shared_block_fields, timm_blocks
 
     embeds = model.embeds
     if model.rope is not None:
@@ -64,20 +64,8 @@ def config_from_model(model: nn.Module) -> ViTConfig:
             f"NaFlexVit input size {img_size} not divisible by the patch size {embeds.patch_size} is not supported"
         )
     blocks = timm_blocks(model, Block, "NaFlexVit block type")
-    block_fields = [timm_block_fields(block, f"blocks.{index}") for index, block in enumerate(blocks)]
-    for index, fields in enumerate(block_fields):
-        if fields != block_fields[0]:
-            raise NotImplementedError(f"blocks.{index}: blocks with different options are not supported")
-    first = blocks[0]
-    norm, eps = norm_kind(first.norm1, "blocks.0.norm1")
-    norms = [(f"blocks.{i}.{name}", getattr(block, name)) for i, block in enumerate(blocks) for name in ("norm1", "norm2")]
-    norms += [(f"blocks.{i}.attn.{name}", getattr(block.attn, name)) for i, block in enumerate(blocks)
-              for name in ("q_norm", "k_norm", "norm")]
-    norms += [(f"blocks.{i}.mlp.norm", block.mlp.norm) for i, block in enumerate(blocks)]
-    norms += [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre), ("embeds.norm", embeds.norm)]
-    if model.attn_pool is not None:
-        norms.append(("attn_pool.norm", model.attn_pool.norm))
-    check_norms_agree(norms, norm, eps)
+    block_fields = shared_block_fields(blocks)
+    norm, eps = check_timm_norms(model, blocks, ("embeds.norm", embeds.norm))
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
     has_norm = not isinstance(model.norm, nn.Identity)
     return ViTConfig(
@@ -99,7 +87,7 @@ def config_from_model(model: nn.Module) -> ViTConfig:
         pool_include_prefix=bool(model.pool_include_prefix) and model.global_pool not in ("token", ""),
         norm=norm,
         eps=eps,
-        **block_fields[0],
+        **block_fields,
     )
 
 

@@ -29,7 +29,7 @@ def config_from_model(model: nn.Module) -> ViTConfig:
     from timm.layers import Mlp, PatchEmbed
     from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, ResPostRelPosBlock
 
-    from vitlens_patch.conversion.timm import activation_name, layer_norm_eps
+    from vitlens_patch.conversion.timm import activation_name, layer_norm_eps, timm_blocks
 
     if model.global_pool == "" and model.num_classes:
         raise NotImplementedError(
@@ -38,16 +38,14 @@ def config_from_model(model: nn.Module) -> ViTConfig:
     embed = model.patch_embed
     if type(embed) is not PatchEmbed or embed.dynamic_img_pad or not embed.flatten or not isinstance(embed.norm, nn.Identity):
         raise NotImplementedError(f"patch embedding {type(embed).__name__} with these options is not supported")
-    blocks = list(model.blocks)
+    blocks = timm_blocks(
+        model, (RelPosBlock, ResPostRelPosBlock), attention_types=(RelPosAttention,), mlp_types=(Mlp,)
+    )
     first = blocks[0]
     for index, block in enumerate(blocks):
         where = f"blocks.{index}"
-        if type(block) not in (RelPosBlock, ResPostRelPosBlock) or type(block) is not type(first):
-            raise NotImplementedError(f"{where}: block type {type(block).__name__} is not supported")
-        if type(block.attn) is not RelPosAttention:
-            raise NotImplementedError(f"{where}: attention type {type(block.attn).__name__} is not supported")
-        if type(block.mlp) is not Mlp or not isinstance(block.mlp.norm, nn.Identity):
-            raise NotImplementedError(f"{where}: MLP type {type(block.mlp).__name__} (or an MLP norm) is not supported")
+        if not isinstance(block.mlp.norm, nn.Identity):
+            raise NotImplementedError(f"{where}: an MLP norm is not supported")
         if (block.attn.rel_pos is None) != (first.attn.rel_pos is None):
             raise NotImplementedError(f"{where}: blocks with different options are not supported")
         if type(block) is RelPosBlock and type(block.ls1) is not type(first.ls1):

@@ -76,13 +76,46 @@ def norm_kind(norm: nn.Module, where: str) -> tuple[str, float]:
     return "layer_norm", layer_norm_eps(norm, where)
 
 
-def timm_blocks(model: nn.Module, block_type: type, what: str = "block type") -> list[nn.Module]:
-    """The model's blocks; ``NotImplementedError`` naming the first one that is not a ``block_type``."""
+def timm_blocks(
+    model: nn.Module,
+    block_types: type | tuple[type, ...],
+    what: str = "block type",
+    *,
+    attention_types: tuple[type, ...] = (),
+    mlp_types: tuple[type, ...] = (),
+) -> list[nn.Module]:
+    """The model's blocks, refusing (``NotImplementedError`` naming the block) one whose type is
+    not among ``block_types`` (``what`` names it) or whose ``attn`` / ``mlp`` type is not among
+    ``attention_types`` / ``mlp_types`` (when given), and blocks whose types differ from the first's."""
     blocks = list(model.blocks)
+    allowed = [
+        (what, None, block_types if isinstance(block_types, tuple) else (block_types,)),
+        ("attention type", "attn", attention_types),
+        ("MLP type", "mlp", mlp_types),
+    ]
     for index, block in enumerate(blocks):
-        if type(block) is not block_type:
-            raise NotImplementedError(f"blocks.{index}: {what} {type(block).__name__} is not supported")
+        for label, part, types in allowed:
+            if not types:
+                continue
+            layer, first = (block, blocks[0]) if part is None else (getattr(block, part), getattr(blocks[0], part))
+            if type(layer) not in types:
+                raise NotImplementedError(f"blocks.{index}: {label} {type(layer).__name__} is not supported")
+            if type(layer) is not type(first):
+                raise NotImplementedError(f"blocks.{index}: blocks with different options are not supported")
     return blocks
+
+
+def check_timm_norms(model: nn.Module, blocks: list[nn.Module], embed_norm: tuple[str, nn.Module]) -> tuple[str, float]:
+    """The blocks' ``(norm kind, eps)`` (of the first block's first norm), refusing any norm of the
+    blocks, the model (``norm``, ``fc_norm``, ``norm_pre``, an attention pool's) or ``embed_norm``
+    (name, module) of another kind or eps."""
+    norms = [norm for index, block in enumerate(blocks) for norm in timm_block_norms(block, f"blocks.{index}")]
+    norm, eps = norm_kind(norms[0][1], norms[0][0])
+    norms += [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre), embed_norm]
+    if model.attn_pool is not None:
+        norms.append(("attn_pool.norm", model.attn_pool.norm))
+    check_norms_agree(norms, norm, eps)
+    return norm, eps
 
 
 # timm model classes other than VisionTransformer, each converted by its own module under
@@ -139,18 +172,9 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         raise NotImplementedError("patch_drop_rate > 0 in training mode is not supported; call model.eval()")
 
     blocks = list(model.blocks)
-    block_fields = [timm_block_fields(block, f"blocks.{index}") for index, block in enumerate(blocks)]
-    for index, fields in enumerate(block_fields):
-        if fields != block_fields[0]:
-            raise NotImplementedError(f"blocks.{index}: blocks with different options are not supported")
+    block_fields = shared_block_fields(blocks)
 
-    norms = [norm for index, block in enumerate(blocks) for norm in timm_block_norms(block, f"blocks.{index}")]
-    norm, eps = norm_kind(norms[0][1], norms[0][0])
-    norms += [("norm", model.norm), ("fc_norm", model.fc_norm), ("norm_pre", model.norm_pre),
-              ("patch_embed.norm", getattr(model.patch_embed, "norm", nn.Identity()))]
-    if model.attn_pool is not None:
-        norms.append(("attn_pool.norm", model.attn_pool.norm))
-    check_norms_agree(norms, norm, eps)
+    norm, eps = check_timm_norms(model, blocks, ("patch_embed.norm", getattr(model.patch_embed, "norm", nn.Identity())))
     has_fc_norm = not isinstance(model.fc_norm, nn.Identity)
     has_norm = not isinstance(model.norm, nn.Identity)
     pre_norm = not isinstance(model.norm_pre, nn.Identity)
@@ -173,7 +197,7 @@ def config_from_timm(model: nn.Module) -> ViTConfig:
         eps=eps,
         dynamic_img_size=bool(model.dynamic_img_size),
         **embed_fields,
-        **block_fields[0],
+        **block_fields,
     )
 
 
@@ -224,6 +248,16 @@ def timm_mlp_fields(mlp: nn.Module, where: str) -> dict:
         activation=activation_name(mlp.act),
         proj_bias=mlp.fc2.bias is not None,
     )
+
+
+def shared_block_fields(blocks: list[nn.Module]) -> dict:
+    """The ViTConfig fields every block shares (``timm_block_fields``); ``NotImplementedError`` for
+    blocks with different options."""
+    block_fields = [timm_block_fields(block, f"blocks.{index}") for index, block in enumerate(blocks)]
+    for index, fields in enumerate(block_fields):
+        if fields != block_fields[0]:
+            raise NotImplementedError(f"blocks.{index}: blocks with different options are not supported")
+    return block_fields[0]
 
 
 def timm_block_fields(block: nn.Module, where: str) -> dict:
