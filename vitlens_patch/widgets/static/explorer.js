@@ -384,11 +384,16 @@ function drawAll(ui, model) {
   drawStatus(ui, model, view);
   drawSettings(ui, view);
   if (!view || !view.settings) return;
+  drawViews(ui, model, view);
+  ui.root.setAttribute("data-request", String(model.get("request")));
+}
+
+// The four plots of a computed view: layer curve, patch grid, patch curve, CAAP map.
+function drawViews(ui, model, view) {
   drawCurve(ui, model, view);
   drawGrid(ui, model, view);
   drawPatch(ui, model, view);
   drawCaap(ui, model, view);
-  ui.root.setAttribute("data-request", String(model.get("request")));
 }
 
 async function render({ model, el }) {
@@ -404,11 +409,7 @@ async function render({ model, el }) {
   const views = () => {
     const view = model.get("view");
     drawControls(ui, model);
-    if (!view || !view.settings) return;
-    drawCurve(ui, model, view);
-    drawGrid(ui, model, view);
-    drawPatch(ui, model, view);
-    drawCaap(ui, model, view);
+    if (view && view.settings) drawViews(ui, model, view);
   };
   const handlers = {
     "change:view": () => drawAll(ui, model),
