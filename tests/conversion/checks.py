@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import pytest
+import timm
 import torch
 
 from vitlens_patch.model import HookedViT
@@ -130,6 +131,13 @@ def family_tests(
         assert_tools_match_references(HookedViT.from_timm(model), seeded_images(2, image_size(model)))
 
     return test_parity, test_every_hook_is_live, test_tools_match_references
+
+
+# Refused by every LayerNorm-only timm family (Beit, RelPos): per-token logits, RMSNorm.
+LAYER_NORM_FAMILY_REFUSALS = [
+    (dict(global_pool=""), "global_pool='' with a classifier"),
+    (dict(norm_layer=timm.layers.RmsNorm), "normalisation RmsNorm"),
+]
 
 
 def refusal_test(build: Callable[..., torch.nn.Module], unsupported: list[tuple[dict, str]]) -> Callable:

@@ -6,7 +6,9 @@ import timm
 import torch
 from timm.models.beit import Beit
 
-from tests.conversion.checks import assert_timm_parity, family_tests, perturb_parameters, refusal_test, seeded_images
+from tests.conversion.checks import (
+    LAYER_NORM_FAMILY_REFUSALS, assert_timm_parity, family_tests, perturb_parameters, refusal_test, seeded_images,
+)
 from vitlens_patch.conversion.beit import convert_beit_state_dict
 from vitlens_patch.conversion.timm import config_from_timm
 from vitlens_patch.model import HookedViT
@@ -68,8 +70,4 @@ def test_beit_state_dict_conversion_is_strict():
         convert_beit_state_dict(state, cfg)
 
 
-UNSUPPORTED = [
-    (dict(global_pool=""), "global_pool='' with a classifier"),
-    (dict(norm_layer=timm.layers.RmsNorm), "normalisation RmsNorm"),
-]
-test_unsupported_beit_feature_raises_naming_it = refusal_test(tiny_beit, UNSUPPORTED)
+test_unsupported_beit_feature_raises_naming_it = refusal_test(tiny_beit, LAYER_NORM_FAMILY_REFUSALS)

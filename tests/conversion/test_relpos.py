@@ -7,7 +7,8 @@ import torch
 from timm.models.vision_transformer_relpos import ResPostRelPosBlock, VisionTransformerRelPos
 
 from tests.conversion.checks import (
-    TOLERANCE, assert_timm_parity, family_tests, perturb_parameters, refusal_test, relative_error, seeded_images,
+    LAYER_NORM_FAMILY_REFUSALS, TOLERANCE, assert_timm_parity, family_tests, perturb_parameters, refusal_test,
+    relative_error, seeded_images,
 )
 from vitlens_patch.conversion.relpos import convert_relpos_state_dict
 from vitlens_patch.conversion.timm import config_from_timm
@@ -66,8 +67,4 @@ def test_relpos_state_dict_conversion_is_strict():
         convert_relpos_state_dict(state, cfg)
 
 
-UNSUPPORTED = [
-    (dict(global_pool=""), "global_pool='' with a classifier"),
-    (dict(norm_layer=timm.layers.RmsNorm), "normalisation RmsNorm"),
-]
-test_unsupported_relpos_feature_raises_naming_it = refusal_test(tiny_relpos, UNSUPPORTED)
+test_unsupported_relpos_feature_raises_naming_it = refusal_test(tiny_relpos, LAYER_NORM_FAMILY_REFUSALS)
