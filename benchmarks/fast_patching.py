@@ -262,6 +262,7 @@ def embedded_section(args) -> None:
     for name, n_speed, exact_s, attribution_s in speed:
         print(f"{name:24} {n_speed:7d} {exact_s:9.3f} {attribution_s:14.4f} {exact_s / attribution_s:7.1f}x")
     print("targets: trace_grid ratio >= 100x; caap ratio >= 20x")
+    print(speed_bounds(model))
     print(f"\nagreement attribution vs exact over {len(images)} images, per image: mean [95% CI]; "
           f"recall = exact top-{TOP} in estimate's top {TOP}")
     print(f"{'sweep':24} {'family':8} {'Pearson':>22} {'Spearman':>22} {'recall@10':>10}  exact effects from")
@@ -314,6 +315,7 @@ def vit_s_section(args) -> None:
             _, exact_s = timed(lambda: run(images, "exact"))
             label = ""
         print(f"{name:24} {exact_s:12.2f} {attribution_s:14.3f} {exact_s / attribution_s:7.1f}x{label}")
+    print(speed_bounds(model))
     print("\nbf16 vs float32, exact engine on ViT-S/16 (trace_layers attn w1)")
     for name, run in (("trace_layers attn w1", runs["trace_layers attn w1"]),):
         (full, _, _), full_s = timed(lambda: run(images, "exact"))
@@ -322,6 +324,26 @@ def vit_s_section(args) -> None:
         print(f"{name:24} fp32 {full_s:7.2f} s  bf16 {low_s:7.2f} s  bf16/fp32 time {low_s / full_s:5.2f}x  "
               f"Spearman {rho:.4f}")
     print("target on CPUs with native bf16 (AVX512-BF16 / AMX): bf16 >= 1.5x faster (time ratio <= 0.67)")
+
+
+def speed_bounds(model: HookedViT) -> str:
+    """The arithmetic bound of the attribution speed-up, in forward-pass equivalents per image.
+
+    Exact: a clean and a corrupted forward, then one row per cell from its first layer on (a grid
+    cell at layer l runs (n_layers - l) / n_layers of a forward; a CAAP patch the blocks from the
+    range's start on). Attribution: a clean forward, a corrupted forward and a backward pass from
+    the first restored layer over the same blocks (input gradients only, one matmul per linear
+    layer as in the forward: counted as 1 forward; measured 1.0-1.3x), before any QK-fix term.
+    """
+    cfg = model.cfg
+    layers = cfg.n_layers
+    grid_exact = 2 + cfg.n_pos * sum(layers - layer for layer in range(layers)) / layers
+    start, _ = default_layers(layers)
+    caap_exact = 2 + cfg.n_patches * (layers - start) / layers
+    caap_attribution = 2 + (layers - start) / layers
+    return (f"arithmetic bound (forward-pass equivalents, exact / attribution without the QK-fix terms): "
+            f"trace_grid {grid_exact:.0f} / 3 = {grid_exact / 3:.0f}x; CAAP {caap_exact:.0f} / "
+            f"{caap_attribution:.2f} = {caap_exact / caap_attribution:.1f}x")
 
 
 def caap_subset(model: HookedViT, images: torch.Tensor, patches: list[int]) -> torch.Tensor:
