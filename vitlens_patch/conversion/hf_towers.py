@@ -54,6 +54,11 @@ _VIT_LAYER = {
 }
 
 
+def _weight_and_bias(timm_name: str, hf_name: str) -> dict[str, tuple[str]]:
+    """Key sources of a layer with a weight and a bias: ``{timm_name}.weight <- {hf_name}.weight``, likewise bias."""
+    return {f"{timm_name}.{param}": (f"{hf_name}.{param}",) for param in ("weight", "bias")}
+
+
 @dataclass(frozen=True)
 class HFConverter:
     """How one HF class maps to HookedViT.
@@ -146,10 +151,8 @@ def _clip_key_sources(p: str, cfg: ViTConfig) -> dict[str, tuple[str, ...]]:
         "cls_token": (f"{p}embeddings.class_embedding",),
         "pos_embed": (f"{p}embeddings.position_embedding.weight",),
         "patch_embed.proj.weight": (f"{p}embeddings.patch_embedding.weight",),
-        "norm_pre.weight": (f"{p}pre_layrnorm.weight",),
-        "norm_pre.bias": (f"{p}pre_layrnorm.bias",),
-        "fc_norm.weight": (f"{p}post_layernorm.weight",),
-        "fc_norm.bias": (f"{p}post_layernorm.bias",),
+        **_weight_and_bias("norm_pre", f"{p}pre_layrnorm"),
+        **_weight_and_bias("fc_norm", f"{p}post_layernorm"),
     }
     sources |= _layer_sources(f"{p}encoder.layers.", _CLIP_LAYER, cfg)
     if cfg.n_classes:
@@ -169,10 +172,8 @@ def _siglip_config(hf_config) -> ViTConfig:
 def _siglip_sources(hf_config, cfg: ViTConfig) -> dict[str, tuple[str, ...]]:
     sources = {
         "pos_embed": ("embeddings.position_embedding.weight",),
-        "patch_embed.proj.weight": ("embeddings.patch_embedding.weight",),
-        "patch_embed.proj.bias": ("embeddings.patch_embedding.bias",),
-        "norm.weight": ("post_layernorm.weight",),
-        "norm.bias": ("post_layernorm.bias",),
+        **_weight_and_bias("patch_embed.proj", "embeddings.patch_embedding"),
+        **_weight_and_bias("norm", "post_layernorm"),
     }
     sources |= _layer_sources("encoder.layers.", _CLIP_LAYER, cfg)
     if cfg.pooling == "map":
@@ -180,14 +181,11 @@ def _siglip_sources(hf_config, cfg: ViTConfig) -> dict[str, tuple[str, ...]]:
             "attn_pool.latent": ("head.probe",),
             "attn_pool.in_proj.weight": ("head.attention.in_proj_weight",),  # split by _split_pool_in_proj
             "attn_pool.in_proj.bias": ("head.attention.in_proj_bias",),
-            "attn_pool.proj.weight": ("head.attention.out_proj.weight",),
-            "attn_pool.proj.bias": ("head.attention.out_proj.bias",),
-            "attn_pool.norm.weight": ("head.layernorm.weight",),
-            "attn_pool.norm.bias": ("head.layernorm.bias",),
+            **_weight_and_bias("attn_pool.proj", "head.attention.out_proj"),
+            **_weight_and_bias("attn_pool.norm", "head.layernorm"),
+            **_weight_and_bias("attn_pool.mlp.fc1", "head.mlp.fc1"),
+            **_weight_and_bias("attn_pool.mlp.fc2", "head.mlp.fc2"),
         }
-        for layer in ("fc1", "fc2"):
-            for param in ("weight", "bias"):
-                sources[f"attn_pool.mlp.{layer}.{param}"] = (f"head.mlp.{layer}.{param}",)
     return sources
 
 
@@ -211,10 +209,8 @@ def _vit_embedding_sources(prefix: str) -> dict[str, tuple[str, ...]]:
     return {
         "cls_token": (f"{prefix}embeddings.cls_token",),
         "pos_embed": (f"{prefix}embeddings.position_embeddings",),
-        "patch_embed.proj.weight": (f"{prefix}embeddings.patch_embeddings.projection.weight",),
-        "patch_embed.proj.bias": (f"{prefix}embeddings.patch_embeddings.projection.bias",),
-        "norm.weight": (f"{prefix}layernorm.weight",),
-        "norm.bias": (f"{prefix}layernorm.bias",),
+        **_weight_and_bias("patch_embed.proj", f"{prefix}embeddings.patch_embeddings.projection"),
+        **_weight_and_bias("norm", f"{prefix}layernorm"),
     }
 
 
@@ -226,7 +222,7 @@ def _dinov2_sources(prefix: str) -> Callable:
         out |= _layer_sources(f"{prefix}encoder.layer.", _DINOV2_LAYER, cfg, hf_config.qkv_bias,
                               ("layer_scale1.lambda1", "layer_scale2.lambda1"))
         if cfg.n_classes:
-            out |= {"head.weight": ("classifier.weight",), "head.bias": ("classifier.bias",)}
+            out |= _weight_and_bias("head", "classifier")
         return out
 
     return sources
@@ -251,7 +247,7 @@ def _vit_sources(prefix: str, heads: dict[str, str]) -> Callable:
             out["dist_token"] = (f"{prefix}embeddings.distillation_token",)
         out |= _layer_sources(f"{prefix}layers.", _VIT_LAYER, cfg, hf_config.qkv_bias)
         for timm_name, hf_name in heads.items():
-            out |= {f"{timm_name}.weight": (f"{hf_name}.weight",), f"{timm_name}.bias": (f"{hf_name}.bias",)}
+            out |= _weight_and_bias(timm_name, hf_name)
         return out
 
     return sources
