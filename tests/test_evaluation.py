@@ -9,9 +9,11 @@ from scipy import stats
 
 from tests.conftest import tiny_timm_vit
 from vitlens_patch.attribution import AttentionRollout, RandomAttribution, get_attributor
+from vitlens_patch.data.cifar10 import canvas_test_set
 from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.evaluation import METRICS, EvaluationResult, EvaluationSet, evaluate
 from vitlens_patch.metrics import (
+    boxes_to_masks,
     deletion_auc,
     insertion_auc,
     localization_aupr,
@@ -71,6 +73,25 @@ def test_from_cifar10_builds_balanced_full_frame_and_canvas_images(model, source
     other = EvaluationSet.from_cifar10(model, source, 6, seed=1)
     assert torch.equal(again.canvas_images, data.canvas_images)
     assert not torch.equal(other.masks, data.masks)
+
+
+def test_from_cifar10_resizes_a_smaller_canvas_to_the_input_like_training(model, source, data):
+    """A 24-pixel canvas (as a model trained on canvases smaller than its input) is resized to the
+    32-pixel input like a full frame, and its object box with it."""
+    small = EvaluationSet.from_cifar10(model, source, 6, seed=0, canvas_size=24)
+    assert torch.equal(small.source_indices, data.source_indices)
+    canvases, boxes = canvas_test_set(source.subset(small.source_indices), canvas_size=24, seed=0)
+    torch.testing.assert_close(small.canvas_images, model.preprocess(canvases))
+    # the tiny model's preprocessing resizes to 32 / 0.875 = 37 pixels and crops the centre 32
+    resized = (boxes * 37 / 24 - 2).clamp(0, 32)
+    assert torch.equal(small.masks, boxes_to_masks(resized, (32, 32)))
+    sides = small.masks.any(1).sum(1)
+    assert sides.min() >= 20 and sides.max() <= 25  # 16 * 37 / 24 = 24.7 pixels, less what the crop cuts
+    # the input's default canvas is the one of the model's input size
+    same = EvaluationSet.from_cifar10(model, source, 6, seed=0, canvas_size=32)
+    assert torch.equal(same.canvas_images, data.canvas_images) and torch.equal(same.masks, data.masks)
+    with pytest.raises(ValueError, match=r"canvas_size must be an integer larger than the source images \(\(16, 16\)\), got 16"):
+        EvaluationSet.from_cifar10(model, source, 6, canvas_size=16)
 
 
 def test_table_has_every_method_and_metric_with_the_interval_around_the_mean(result):

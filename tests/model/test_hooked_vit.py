@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_timm_vit
-from vitlens_patch.model import HookedViT, ViTConfig
+from vitlens_patch.model import DataConfig, HookedViT, ViTConfig
 
 
 def every_hook_model() -> HookedViT:
@@ -199,6 +199,22 @@ def test_preprocess_accepts_pil_uint8_and_float():
     assert torch.allclose(from_pil, from_uint8) and torch.allclose(from_uint8, from_float, atol=1e-5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         model.preprocess(torch.randn(1, 3, 32, 32) * 5)
+
+
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_resize_boxes_follows_the_resize_and_crop_of_to_pixels(crop_pct):
+    """A white box on a black 24x20 image lands where resize_boxes puts it in the 32x32 input."""
+    config = DataConfig(input_size=(3, 32, 32), interpolation="nearest", crop_pct=crop_pct)
+    image = torch.zeros(1, 3, 24, 20)
+    image[..., 6:18, 4:12] = 1  # x 4..12, y 6..18
+    boxes = config.resize_boxes(torch.tensor([[4, 6, 12, 18]]), (24, 20))
+    rows, cols = torch.nonzero(config.to_pixels(image)[0, 0], as_tuple=True)
+    found = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).float()
+    torch.testing.assert_close(boxes[0], found, atol=1, rtol=0)
+    # images of the input size are not resized, nor are their boxes; boxes stay inside the input
+    assert torch.equal(config.resize_boxes(torch.tensor([[1, 2, 3, 4]]), (32, 32)), torch.tensor([[1.0, 2, 3, 4]]))
+    whole = config.resize_boxes(torch.tensor([[0, 0, 20, 24]]), (24, 20))
+    assert whole.tolist() == [[0.0, 0.0, 32.0, 32.0]]
 
 
 @pytest.mark.usefixtures("without_type_checks")

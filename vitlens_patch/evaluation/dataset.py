@@ -105,15 +105,22 @@ class EvaluationSet:
 
     @classmethod
     def from_cifar10(
-        cls, model: HookedViT, source: LabelledImages | str | os.PathLike, n: int, *, seed: int = 0
+        cls,
+        model: HookedViT,
+        source: LabelledImages | str | os.PathLike,
+        n: int,
+        *,
+        seed: int = 0,
+        canvas_size: int | None = None,
     ) -> EvaluationSet:
         """``n`` test images, ``n / n_classes`` per class, as full-frame and canvas model inputs.
 
         Images are chosen per class at random (``select_per_class(labels, n // n_classes,
         seed=seed)``). Full frame: ``model.preprocess`` (resized to the model's input). Canvas:
         the image at its own resolution pasted at a random position on a smooth-noise canvas of
-        the model's input size (``canvas_test_set(..., seed=seed)``), then normalised; its mask
-        is the pasted box.
+        ``canvas_size`` pixels (``canvas_test_set(..., seed=seed)``), then resized to the model's
+        input like a full frame (``model.preprocess``); its mask is the pasted box, resized with
+        the canvas (``model.data_config.resize_boxes``).
 
         Args:
             model: gives the input size and normalisation (``model.data_config``).
@@ -122,6 +129,10 @@ class EvaluationSet:
                 model's (square) input, so that the canvas has a background.
             n: total number of images, a multiple of the number of classes.
             seed: seeds the choice of images, the canvas backgrounds and the object positions.
+            canvas_size: side of the canvas in pixels, larger than the source images; default the
+                model's input side. Give the canvas the model was trained on (the ``canvas_size``
+                of its weights' JSON, :func:`vitlens_patch.pretrained.load_metadata`): 64 for
+                ``dinov2_small_cifar10``, whose 112-pixel input is a 64-pixel canvas upsampled.
         """
         images = load_image_folder(source) if isinstance(source, (str, os.PathLike)) else source
         if not isinstance(images, LabelledImages):
@@ -130,10 +141,20 @@ class EvaluationSet:
         if isinstance(n, bool) or not isinstance(n, int) or n < n_classes or n % n_classes:
             raise ValueError(f"n must be a positive multiple of the {n_classes} classes, got {n!r}")
         height, width = model.cfg.img_size
-        if height != width or max(images.images.shape[-2:]) >= height:
+        if height != width:
+            raise ValueError(f"model input must be square to hold a canvas, got ({height}, {width})")
+        source_size = max(images.images.shape[-2:])
+        if canvas_size is None:
+            if source_size >= height:
+                raise ValueError(
+                    f"source images ({tuple(images.images.shape[-2:])}) must be smaller than the model's "
+                    f"square input ({height}, {width}) to be pasted on a canvas"
+                )
+            canvas_size = height
+        elif isinstance(canvas_size, bool) or not isinstance(canvas_size, int) or canvas_size <= source_size:
             raise ValueError(
-                f"source images ({tuple(images.images.shape[-2:])}) must be smaller than the model's "
-                f"square input ({height}, {width}) to be pasted on a canvas"
+                f"canvas_size must be an integer larger than the source images "
+                f"({tuple(images.images.shape[-2:])}), got {canvas_size!r}"
             )
         model_names = getattr(model, "class_names", None)
         if model_names is not None and tuple(model_names) != tuple(images.class_names):
@@ -142,12 +163,12 @@ class EvaluationSet:
             )
         indices = torch.tensor(select_per_class(images.labels, n // n_classes, seed=seed))
         chosen = images.subset(indices)
-        canvases, boxes = canvas_test_set(chosen, canvas_size=height, seed=seed)
+        canvases, boxes = canvas_test_set(chosen, canvas_size=canvas_size, seed=seed)
         return cls(
             images=model.preprocess(chosen.images).cpu(),
             labels=chosen.labels,
-            canvas_images=model.data_config.normalize(canvases).to(model.dtype),
-            masks=boxes_to_masks(boxes, (height, height)),
+            canvas_images=model.preprocess(canvases).cpu(),
+            masks=boxes_to_masks(model.data_config.resize_boxes(boxes, (canvas_size, canvas_size)), (height, height)),
             class_names=images.class_names,
             source_indices=indices,
             data_config=model.data_config,

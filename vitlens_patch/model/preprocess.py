@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Real
 from PIL import Image
 from torch import Tensor
 
@@ -95,15 +95,35 @@ class DataConfig:
         if images.shape[1] != channels:
             raise ValueError(f"images must have {channels} channels, got shape {tuple(images.shape)}")
         if images.shape[-2:] != (height, width):
-            scale = 1 / self.crop_pct
-            resized = (round(height * scale), round(width * scale))
+            resized, top, left = self._resize_and_crop()
             images = F.interpolate(
                 images, size=resized, mode=self.interpolation,
                 **({} if self.interpolation == "nearest" else {"align_corners": False}),
             ).clamp(0, 1)
-            top, left = (resized[0] - height) // 2, (resized[1] - width) // 2
             images = images[..., top : top + height, left : left + width]
         return images
+
+    def _resize_and_crop(self) -> tuple[tuple[int, int], int, int]:
+        """(height, width) images are resized to before the centre crop, and the crop's top, left."""
+        _, height, width = self.input_size
+        resized = (round(height / self.crop_pct), round(width / self.crop_pct))
+        return resized, (resized[0] - height) // 2, (resized[1] - width) // 2
+
+    def resize_boxes(
+        self, boxes: Real[Tensor, "batch 4"], image_size: tuple[int, int]
+    ) -> Float[Tensor, "batch 4"]:
+        """Boxes ``(x_min, y_min, x_max, y_max)`` in pixels of ``image_size`` (height, width) images
+        -> the same boxes in pixels of the model input :meth:`to_pixels` makes of those images
+        (resized, centre-cropped, and clipped to the input), as float."""
+        _, height, width = self.input_size
+        boxes = boxes.float()
+        if tuple(image_size) == (height, width):
+            return boxes  # to_pixels leaves images of the input size alone
+        (resized_h, resized_w), top, left = self._resize_and_crop()
+        scale = boxes.new_tensor([resized_w / image_size[1], resized_h / image_size[0]]).repeat(2)
+        shift = boxes.new_tensor([left, top]).repeat(2)
+        bounds = boxes.new_tensor([width, height]).repeat(2)
+        return torch.minimum((boxes * scale - shift).clamp(min=0), bounds)
 
     def preprocess(self, images) -> Float[Tensor, "batch channel height width"]:
         """PIL images, uint8 arrays or [0, 1] float tensors -> normalised model input."""
