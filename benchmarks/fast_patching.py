@@ -236,8 +236,11 @@ def embedded_section(args) -> None:
     for name, run in runs.items():
         n_speed = args.speed_grid_images if name == "trace_grid resid_pre" else args.speed_images
         _, exact_s = timed(lambda: run(images[:n_speed], "exact"))
-        (estimate, gap, _), attribution_s = timed(lambda: run(images, "attribution"))
-        speed.append((name, n_speed, exact_s / n_speed, attribution_s / len(images)))
+        # timed on its second call: the first pays the allocator's warm-up of pass-sized buffers
+        # (a few passes over all images, against the exact engine's hundreds), printed beside it
+        (estimate, gap, _), first_s = timed(lambda: run(images, "attribution"))
+        _, attribution_s = timed(lambda: run(images, "attribution"))
+        speed.append((name, n_speed, exact_s / n_speed, attribution_s / len(images), first_s / len(images)))
         n_agree = min(args.grid_images, len(images)) if name == "trace_grid resid_pre" else len(images)
         estimate = estimate[:n_agree]
         exact, source = cache.effects(
@@ -256,11 +259,13 @@ def embedded_section(args) -> None:
             torch.testing.assert_close(verified.flatten(1)[mask.flatten(1)], exact.flatten(1)[subset][mask.flatten(1)])
             offline = torch.where(chosen, exact.flatten(1), estimate.flatten(1))
             verify.append((name, *verify_recall(exact, offline, chosen), verify_s / args.verify_images))
-    print(f"\nspeed, seconds per image (exact on the first n images, attribution on all {len(images)}; "
+    print(f"\nspeed, seconds per image (exact on the first n images, attribution on all {len(images)}, its second "
+          f"call; "
           f"ratio = exact / attribution)")
     print(f"{'sweep':24} {'n exact':>7} {'exact s':>9} {'attribution s':>14} {'ratio':>8}")
-    for name, n_speed, exact_s, attribution_s in speed:
-        print(f"{name:24} {n_speed:7d} {exact_s:9.3f} {attribution_s:14.4f} {exact_s / attribution_s:7.1f}x")
+    for name, n_speed, exact_s, attribution_s, first_s in speed:
+        print(f"{name:24} {n_speed:7d} {exact_s:9.3f} {attribution_s:14.4f} {exact_s / attribution_s:7.1f}x"
+              f"   (first call {first_s:.4f} s, {exact_s / first_s:.1f}x)")
     print("targets: trace_grid ratio >= 100x; caap ratio >= 20x")
     print(speed_bounds(model))
     print(f"\nagreement attribution vs exact over {len(images)} images, per image: mean [95% CI]; "
