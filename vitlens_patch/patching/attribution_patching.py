@@ -70,7 +70,8 @@ _QK_SITES = {"attn.hook_q": "query", "attn.hook_k": "key", "hook_resid_pre": "bo
 
 
 # Bytes of one [image, head, pos, pos] float32 temporary of ``pattern_terms`` per chunk of images:
-# its ~20 elementwise passes ran 1.2-1.7x faster on chunks that stay in a CPU core's L2 cache.
+# its ~20 elementwise passes ran 2x faster on chunks that stay in a CPU core's L2 cache (34 embedded-model
+# images: 19 ms against 40 ms unchunked; 256 KB and 1 MB chunks 21-23 ms).
 PATTERN_CHUNK_BYTES = 2**19
 
 
