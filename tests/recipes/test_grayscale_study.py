@@ -10,7 +10,7 @@ from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_grayscale
 from vitlens_patch.patching.tracing import trace_layers
-from vitlens_patch.recipes import GrayscaleStudyResult, grayscale_study
+from vitlens_patch.recipes import GrayscaleStudyResult, grayscale_study, load_layer_curves, save_layer_curves
 
 N_IMAGES, N_LAYERS, CLASSES = 6, 3, tuple("abcdefghij")
 
@@ -165,3 +165,20 @@ def test_reprs_are_short_summaries(result):
     )
     page = result._repr_html_()
     assert page.count("<table") == 2 and "Wilson" in page and "tensor(" not in page
+
+
+def test_layer_curves_file_holds_the_per_layer_means_of_each_study(model, data, result, tmp_path):
+    mlp = grayscale_study(model, data, kind="mlp", window=1, batch_size=4, progress=False)
+    path = save_layer_curves([result, mlp], tmp_path / "curves" / "gray.json", model="tiny")
+    summary = load_layer_curves(path)
+    assert summary["model"] == "tiny" and summary["n_images"] == N_IMAGES
+    assert summary["colour_accuracy"] == result.colour_accuracy
+    curves = summary["curves"]
+    assert curves["curve"].unique().tolist() == ["attn window 3", "mlp window 1"]
+    for study, name in ((result, "attn window 3"), (mlp, "mlp window 1")):
+        stored = curves[curves["curve"] == name].reset_index(drop=True)
+        pd.testing.assert_frame_equal(stored[["layer", "mean", "lower", "upper"]],
+                                      study.layer_means()[["layer", "mean", "lower", "upper"]], check_dtype=False)
+    other = grayscale_study(model, data, indices=[0, 1, 2], progress=False)
+    with pytest.raises(ValueError, match="results must be studies of the same images"):
+        save_layer_curves([result, other], tmp_path / "x.json", model="tiny")

@@ -30,7 +30,7 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 CIFAR10_VIT_WEIGHTS = WEIGHTS_DIR / "cifar10_vit.safetensors"
 
 __all__ = [
-    "CIFAR10_VIT_WEIGHTS", "DINOV2_SMALL_CIFAR10_WEIGHTS", "PRETRAINED_MODELS", "PRETRAINED_WEIGHTS", "WEIGHTS_DIR",
+    "CIFAR10_VIT_WEIGHTS", "DINOV2_GRAYSCALE_CURVES", "DINOV2_SMALL_CIFAR10_WEIGHTS", "PRETRAINED_MODELS", "PRETRAINED_WEIGHTS", "WEIGHTS_DIR",
     "cifar10_vit", "dinov2_small_cifar10", "load_metadata", "metadata_file", "sample_images",
 ]
 
@@ -116,7 +116,11 @@ def sample_images(n_per_class: int | None = None) -> LabelledImages:
     return load_sample(n_per_class)
 
 
-from vitlens_patch.pretrained.dinov2 import DINOV2_SMALL_CIFAR10_WEIGHTS, dinov2_small_cifar10  # noqa: E402
+from vitlens_patch.pretrained.dinov2 import (  # noqa: E402
+    DINOV2_GRAYSCALE_CURVES,
+    DINOV2_SMALL_CIFAR10_WEIGHTS,
+    dinov2_small_cifar10,
+)
 
 PRETRAINED_WEIGHTS = {"cifar10_vit": CIFAR10_VIT_WEIGHTS, "dinov2_small_cifar10": DINOV2_SMALL_CIFAR10_WEIGHTS}
 PRETRAINED_MODELS = {"cifar10_vit": cifar10_vit, "dinov2_small_cifar10": dinov2_small_cifar10}

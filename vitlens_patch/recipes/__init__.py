@@ -13,9 +13,15 @@ from vitlens_patch.recipes.caap_sweep import (
     caap_sweep_cost,
     default_sweep_ranges,
 )
-from vitlens_patch.recipes.grayscale_study import GrayscaleStudyResult, grayscale_study, measure_grayscale
+from vitlens_patch.recipes.grayscale_study import (
+    GrayscaleStudyResult,
+    grayscale_study,
+    load_layer_curves,
+    measure_grayscale,
+    save_layer_curves,
+)
 
 __all__ = [
     "GrayscaleStudyResult", "LayerSweepResult", "caap_layer_sweep", "caap_sweep_cost", "default_sweep_ranges",
-    "grayscale_study", "measure_grayscale",
+    "grayscale_study", "load_layer_curves", "measure_grayscale", "save_layer_curves",
 ]

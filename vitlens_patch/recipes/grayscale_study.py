@@ -423,4 +423,56 @@ def grayscale_study(
     )
 
 
-__all__ = ["GrayscaleStudyResult", "grayscale_study", "measure_grayscale"]
+def save_layer_curves(results: Sequence[GrayscaleStudyResult], path: str | os.PathLike, *, model: str) -> Path:
+    """Write the per-layer means (95% CIs) of grayscale studies of one model as a small JSON file.
+
+    The file holds what a figure needs, not the per-image rows: e.g. the attention and MLP
+    studies with windows 3 and 1 on 1,000 images of a model the tutorials cannot run in CI
+    (:data:`~vitlens_patch.pretrained.DINOV2_GRAYSCALE_CURVES`). Read it with :func:`load_layer_curves`.
+
+    Args:
+        results: studies of the same images and model, e.g. ``GrayscaleStudyResult.load(p)`` of
+            the files ``vitlens-patch study grayscale`` writes.
+        path: the JSON file to write.
+        model: the model's name, e.g. "dinov2_small_cifar10".
+    """
+    results = list(results)
+    if not results or not all(isinstance(result, GrayscaleStudyResult) for result in results):
+        raise ValueError(f"results must be a non-empty sequence of GrayscaleStudyResult, got {results!r}")
+    if any(result.indices != results[0].indices for result in results):
+        raise ValueError("results must be studies of the same images (indices differ)")
+    first = results[0]
+    curves = []
+    for result in results:
+        means = result.layer_means()
+        curves.append({
+            "kind": result.settings["kind"], "window": result.settings["window"],
+            **{column: means[column].tolist() for column in ("layer", "mean", "lower", "upper")},
+        })
+    summary = {
+        "model": model, "n_images": first.n_images, "colour_accuracy": first.colour_accuracy,
+        "grayscale_accuracy": first.grayscale_accuracy, "score": "prob", "confidence": 0.95, "curves": curves,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def load_layer_curves(path: str | os.PathLike) -> dict:
+    """A file of :func:`save_layer_curves`: its fields, with ``curves`` as a frame of columns
+    ``model``, ``curve`` ("attn window 3"), ``kind``, ``window``, ``layer``, ``mean``, ``lower``,
+    ``upper``: a row per (curve, layer)."""
+    summary = json.loads(Path(path).read_text(encoding="utf-8"))
+    frames = [
+        pd.DataFrame({key: curve[key] for key in ("layer", "mean", "lower", "upper")}).assign(
+            model=summary["model"], curve=f"{curve['kind']} window {curve['window']}",
+            kind=curve["kind"], window=curve["window"],
+        )
+        for curve in summary["curves"]
+    ]
+    columns = ["model", "curve", "kind", "window", "layer", "mean", "lower", "upper"]
+    return {**summary, "curves": pd.concat(frames, ignore_index=True)[columns]}
+
+
+__all__ = ["GrayscaleStudyResult", "grayscale_study", "load_layer_curves", "measure_grayscale", "save_layer_curves"]
