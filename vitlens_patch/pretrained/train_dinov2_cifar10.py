@@ -152,6 +152,9 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=20)
     parser.add_argument("--eval-images", type=int, default=1000, help="test images scored at the end (every 10th)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (timing runs)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="forward and backward under bfloat16 autocast (weights and optimizer stay float32); "
+                             "2.4x faster on a CPU with AVX512-BF16, slower on one without")
     add_run_arguments(parser, "trained weights")
     args = parser.parse_args(argv)
     if not 0 <= args.first_trained_block < 12:
@@ -206,8 +209,9 @@ def main(argv=None) -> None:
         )
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, total, group["peak"], warmup)
-        logits = forward_trained(model, forward_frozen(model, inputs, k), k)
-        loss = F.cross_entropy(logits, train.labels[indices], label_smoothing=0.1)
+        with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
+            logits = forward_trained(model, forward_frozen(model, inputs, k), k)
+        loss = F.cross_entropy(logits.float(), train.labels[indices], label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(body + head, 1.0)
