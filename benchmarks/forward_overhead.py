@@ -1,12 +1,14 @@
 """HookedViT (no hooks) vs the timm original with the same weights: forward time ratio per family.
 
     python benchmarks/forward_overhead.py [--batch 8] [--repeats 15] [--models vit_b16 siglip_b16] [--clock cpu]
+        [--autocast-bf16]
 
 Random weights, float32, CPU by default, batch 8 at 224x224: ViT-B/16, DINOv2-S with 4 registers,
 EVA-02-S (rotary embeddings, SwiGLU, sub-LN) and SigLIP-B/16 (attention pooling). Each pair runs
 side by side, interleaved (timm, HookedViT, timm, ...) so machine noise hits both alike; prints
 the CPU model, torch's CPU capability, the median time of each and the ratio HookedViT / timm
-(target: <= 1.10 each).
+(target: <= 1.10 each). ``--autocast-bf16`` runs both under ``torch.autocast(bfloat16)``: HookedViT's
+bf16 forward against timm's, on a CPU with native bf16 (AVX512-BF16 / AMX) or a GPU.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall time, or CPU time of one thread (torch runs single-threaded): the ratio "
                              "that holds on a machine shared with other jobs")
+    parser.add_argument("--autocast-bf16", action="store_true", help="both models under bfloat16 autocast")
     args = parser.parse_args()
     device = torch.device(args.device)
     clock = time.perf_counter
@@ -67,7 +70,7 @@ def main() -> None:
     print(f"CPU {cpu_model()}, torch {torch.__version__}, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, device {device}, "
           f"batch {args.batch}, {args.img_size}x{args.img_size}, {args.repeats} interleaved repeats (median), "
-          f"{args.clock} clock")
+          f"{args.clock} clock, {'bf16 autocast' if args.autocast_bf16 else 'float32'}")
     ratios = {}
     for label in args.models:
         name, description = MODELS[label]
@@ -75,7 +78,8 @@ def main() -> None:
         timm_model = timm.create_model(name, pretrained=False, img_size=args.img_size).eval().to(device)
         hooked = HookedViT.from_timm(timm_model)
         images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-        with torch.inference_mode():
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.autocast_bf16)
+        with torch.inference_mode(), autocast:
             expected = timm_model(images)
             error = ((hooked(images) - expected).abs().max() / expected.abs().max()).item()
             medians = interleaved_medians(
