@@ -6,10 +6,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from vitlens_patch import cli, demo
+from vitlens_patch.attribution.caap import caap
 from vitlens_patch.data.folder import load_image_folder, select_per_class
 from vitlens_patch.data.sample import SAMPLE_DIR
+from vitlens_patch.evaluation import EvaluationResult, EvaluationSet
 from vitlens_patch.pretrained import cifar10_vit, sample_images
 from vitlens_patch.recipes import GrayscaleStudyResult, caap_layer_sweep
 from vitlens_patch.report import Section
@@ -94,6 +97,14 @@ def test_resuming_into_another_study_is_refused_in_one_line(tmp_path, capsys):
         ([*SAMPLE_LAYERS, "--n", "10", "--exclude-evaluate", "15"],
          "--exclude-evaluate must be a multiple of the number of classes (10), got 15"),
         ([*SAMPLE_LAYERS, "--n", "60", "--exclude-evaluate", "50"], "--n: n must be <= 5"),
+        (["evaluate", "--caap-blocks", "9", "3"],
+         "--caap-blocks must be START STOP with 0 <= START < STOP <= 12, got 9 3"),
+        (["evaluate", "--caap-blocks", "0", "13"],
+         "--caap-blocks must be START STOP with 0 <= START < STOP <= 12, got 0 13"),
+        (["evaluate", "--caap-blocks", "3"], "argument --caap-blocks: expected 2 arguments"),
+        (["evaluate", "--caap-blocks", "3", "nine"], "argument --caap-blocks: invalid int value: 'nine'"),
+        (["evaluate", "--caap-blocks", "3", "9", "--methods", "random"],
+         "--caap-blocks needs caap among --methods, got random"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
@@ -239,3 +250,15 @@ def test_caap_layers_command_leaves_out_the_evaluation_images(tmp_path, capsys):
     assert len(studied) == 10 and not studied & evaluated
     assert (tmp_path / "report.html").is_file() and _layer_table(tmp_path / "held_out.csv")["best"].all()
 
+
+def test_evaluate_caap_blocks_reach_caap(tmp_path, capsys):
+    argv = ["evaluate", "--n", "10", "--methods", "caap", "--metrics", "deletion", "--caap-blocks", "10", "12",
+            "--report", str(tmp_path / "evaluation.html"), "--result", str(tmp_path / "result"), "--no-progress"]
+    code, stdout, _ = run_cli(argv, capsys)
+    assert code == 0 and "| caap |" in stdout
+    result = EvaluationResult.load(tmp_path / "result")
+    assert result.settings["methods"]["caap"]["options"]["layers"] == [10, 12]
+    model = cifar10_vit()
+    data = EvaluationSet.from_cifar10(model, sample_images(), n=10, seed=0)
+    expected = caap(model, data.images, target=data.labels, layers=(10, 12), progress=False)
+    assert torch.allclose(result.maps["caap"], expected, atol=1e-5)

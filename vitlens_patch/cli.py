@@ -3,7 +3,7 @@
     vitlens-patch demo                                   # offline: embedded model + images -> HTML report
     vitlens-patch study grayscale --data ../shared/data/cifar10/test.tar.gz --n 1000 --out runs/gray.parquet
     vitlens-patch study caap-layers --data ../shared/data/cifar10/test.tar.gz --n 100 --exclude-evaluate 500 --out runs/caap_layers
-    vitlens-patch evaluate --data ../shared/data/cifar10/test.tar.gz --n 500 --out runs/evaluation
+    vitlens-patch evaluate --data ../shared/data/cifar10/test.tar.gz --n 500 --caap-blocks 3 9 --out runs/evaluation
 
 ``study grayscale`` runs through the study runner: a progress bar, per-batch Parquet parts in
 ``<out>.parts/`` (run the same command again to resume), and sharding under
@@ -16,7 +16,8 @@ same number per class) scored by deletion (or insertion) AUC, through the same s
 resume; torchrun shards it). It prints the mean per range [start, stop) with its 95% CI and the
 best range, and writes the table as ``<out>.csv`` and ``<out>.parquet`` and an HTML report.
 ``--exclude-evaluate 500`` leaves out the images ``evaluate --n 500`` (same ``--data``, ``--seed``)
-scores, so the range is chosen on other images.
+scores, so the range is chosen on other images; pass the best range to ``evaluate --caap-blocks
+START STOP`` (default: CAAP's middle half of the blocks).
 """
 
 from __future__ import annotations
@@ -242,10 +243,19 @@ def run_evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentPars
         data = EvaluationSet.from_cifar10(model, source, n=args.n, seed=args.seed)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    method_options = {}
+    if args.caap_blocks is not None:
+        n_layers = model.cfg.n_layers
+        start, stop = args.caap_blocks
+        if not 0 <= start < stop <= n_layers:
+            parser.error(f"--caap-blocks must be START STOP with 0 <= START < STOP <= {n_layers}, got {start} {stop}")
+        if "caap" not in args.methods:
+            parser.error(f"--caap-blocks needs caap among --methods, got {' '.join(args.methods)}")
+        method_options["caap"] = {"layers": (start, stop)}
     try:
         result = evaluate(
-            args.methods, model, data, args.metrics, target=args.target, batch_size=args.batch_size,
-            out=args.out, progress=not args.no_progress,
+            args.methods, model, data, args.metrics, target=args.target, method_options=method_options,
+            batch_size=args.batch_size, out=args.out, progress=not args.no_progress,
         )
     except ValueError as error:  # a bad --methods / --metrics, or --out holding another study
         _refuse(parser, error)
@@ -395,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"metrics (default: {' '.join(DEFAULT_METRICS)})")
     evaluation.add_argument("--target", choices=("label", "predicted"), default="label",
                             help="class explained and scored (default: the true label)")
+    evaluation.add_argument("--caap-blocks", type=int, nargs=2, default=None, metavar=("START", "STOP"),
+                            help="CAAP's block range [START, STOP), e.g. the best range of vitlens-patch "
+                            "study caap-layers (default: the middle half of the blocks, 3 9 for 12)")
     evaluation.add_argument("--out", default=None, help="directory keeping the evaluation, to resume it")
     evaluation.add_argument("--result", default=None, help="directory to save the result (scores and maps)")
     evaluation.add_argument("--report", default="vitlens_patch_evaluation.html", help="HTML report path")
