@@ -36,7 +36,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from jupyter_client import BlockingKernelClient
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 CHROMIUM = Path(os.environ.get("VITLENS_CHROMIUM", "/usr/bin/chromium"))
@@ -174,62 +173,25 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @dataclass(frozen=True)
 class JupyterServer:
-    """A running JupyterLab server: ``url`` ends with "/", ``token`` authenticates API calls,
-    ``runtime_dir`` holds the kernels' connection files."""
+    """A running JupyterLab server: ``url`` ends with "/", ``token`` authenticates API calls."""
 
     url: str
     token: str
     root: Path
-    runtime_dir: Path
 
     def lab_url(self, notebook: str) -> str:
         """URL that opens ``notebook`` (relative to ``root``) in JupyterLab."""
         return f"{self.url}lab/tree/{notebook}?token={self.token}"
 
-    def api(self, path: str, body: dict | None = None, *, method: str | None = None) -> dict:
-        """Call the server's REST API (``path`` below ``api/``); returns the decoded JSON answer."""
-        request = urllib.request.Request(
-            f"{self.url}api/{path}", method=method or ("POST" if body is not None else "GET"),
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
-
-    def start_kernel(self, notebook: str, *, timeout: float = 60.0) -> str:
-        """Start ``notebook``'s session (kernel "python3") and wait until its kernel answers;
-        returns the kernel id.
-
-        JupyterLab then attaches to this running kernel. Left to start the kernel itself it may
-        open a second connection to it while the first is still connecting; that connection
-        (created with ``handleComms`` false, since another one holds the kernel's comms) drops
-        every comm_open, and widgets stay at "Loading widget..." or show "model not found".
-        """
-        session = self.api("sessions", {"path": notebook, "name": notebook, "type": "notebook", "kernel": {"name": "python3"}})
-        kernel = session["kernel"]["id"]
-        # answering kernel_info requests: started (the server's own execution_state ignores them)
-        client = BlockingKernelClient(connection_file=str(self.runtime_dir / f"kernel-{kernel}.json"))
-        client.load_connection_file()
-        client.start_channels()
-        try:
-            client.wait_for_ready(timeout=timeout)
-        except RuntimeError as error:
-            pytest.fail(f"the kernel of {notebook} did not start within {timeout} s ({error}); see the server log")
-        finally:
-            client.stop_channels()
-        return kernel
-
     def run_notebook(self, browser_page: BrowserPage, notebook: str, *, timeout: float = 120.0):
-        """Start ``notebook``'s kernel (:meth:`start_kernel`), open it in JupyterLab, run all cells
-        and wait until every code cell ran (its prompt shows a number). Returns the Playwright page.
+        """Open ``notebook`` in JupyterLab, run all cells and wait until every code cell ran (its
+        prompt shows a number). Returns the Playwright page.
 
-        Should the first kernel connection still drop and lose the request (jupyter_server
-        answers a websocket closed while connecting with a 500), "Run All Cells" is repeated
+        The first kernel connection sometimes drops (jupyter_server answers the first websocket
+        with a 500 while the kernel starts) and loses the request: "Run All Cells" is repeated
         until a cell is queued ("[*]") or ran.
         """
-        self.start_kernel(notebook, timeout=timeout)
-        page = browser_page.goto(f"{self.url}lab?token={self.token}", timeout=timeout)
-        page.locator(".jp-DirListing-content").get_by_text(notebook, exact=True).dblclick(timeout=timeout * 1000)
+        page = browser_page.goto(self.lab_url(notebook), timeout=timeout)
         page.wait_for_selector(".jp-Notebook", timeout=timeout * 1000)
         page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=timeout * 1000)
         prompts = "Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt'))"
@@ -319,7 +281,7 @@ def jupyter_lab(root: str | Path, home: str | Path, *, timeout: float = 60.0) ->
                 if time.monotonic() > deadline:
                     pytest.fail(f"JupyterLab did not answer within {timeout} s:\n{(home / 'server.log').read_text()}")
                 time.sleep(0.3)
-        yield JupyterServer(url, token, root, home / "runtime")
+        yield JupyterServer(url, token, root)
     finally:
         process.terminate()
         try:

@@ -1,13 +1,10 @@
 """The explorer in a real browser (system Chromium via Playwright, network blocked): the static
-export (the demo report and the explorer page it links: tests/test_cli.py) and the live widget in
-JupyterLab on the embedded model."""
+export (the demo report and the explorer page it links: tests/test_cli.py)."""
 
 import json
 
-import nbformat
 import pytest
 
-from tests.browser import jupyter_lab
 from vitlens_patch.widgets import explore
 
 EXPLORER = ".vitlens-explorer"
@@ -57,38 +54,3 @@ def test_static_export_renders_offline_and_links_its_views(browser_page, tmp_pat
     browser_page.assert_clean()
     data = json.loads(text.split("renderStatic(document.getElementById('vitlens-explorer'), ")[1].split(");</script>")[0])
     assert sorted(data["views"]) == ["0", "1", "2"] and all(view["pending"] == [] for view in data["views"].values())
-
-
-# the notebook of the live test: the embedded model on three sample images, the widget displayed
-LIVE_CELL = """\
-import vitlens_patch as vp
-
-model = vp.cifar10_vit()
-sample = vp.pretrained.sample_images(n_per_class=1)
-widget = vp.explore(model, sample.images[:3], sample.labels[:3], window=3)
-widget"""
-PATCH_VIEW = "() => document.querySelector('.vitlens-explorer [data-view=patch]').getAttribute('data-patch')"
-
-
-def test_live_explorer_in_jupyterlab(browser_page, tmp_path):
-    root = tmp_path / "root"
-    root.mkdir()
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(LIVE_CELL)])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(notebook, root / "explorer.ipynb")
-    with jupyter_lab(root, tmp_path / "home") as server:
-        page = server.run_notebook(browser_page, "explorer.ipynb")
-        page.wait_for_selector(EXPLORER, timeout=60_000)
-        assert browser_page.wait_for_figures(3, selector=f"{EXPLORER} .js-plotly-plot", timeout=60_000) >= 3
-        page.wait_for_function(HEATMAP_DRAWN, arg="grid", timeout=60_000)
-        assert page.evaluate(PATCH_VIEW) == ""
-        page.locator(f"{EXPLORER} [data-view=grid]").scroll_into_view_if_needed()
-        click_patch(page, "grid", 6)
-        # the click reached the kernel and back: the patch view shows patch 6's curve over every layer
-        page.wait_for_function(f"() => ({PATCH_VIEW})() === '6'", timeout=30_000)
-        n_layers = page.evaluate("() => document.querySelector('.vitlens-explorer [data-view=curve]').data[0].x.length")
-        curve = page.evaluate(PATCH_CURVE)
-        assert len(curve) == n_layers and all(isinstance(value, float) for value in curve)
-        assert browser_page.wait_for_figures(4, selector=f"{EXPLORER} .js-plotly-plot") == 4
-        browser_page.screenshot("explorer-live-jupyterlab")
-        browser_page.assert_clean()
