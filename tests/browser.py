@@ -36,6 +36,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from jupyter_client import BlockingKernelClient
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 CHROMIUM = Path(os.environ.get("VITLENS_CHROMIUM", "/usr/bin/chromium"))
@@ -45,6 +46,7 @@ CHROMIUM_ARGS = (
 )
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 LOCAL_SCHEMES = ("file", "data", "blob", "about")
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 # Counts plotly figures that finished drawing (data bound, an SVG drawn, and every trace layer present).
 _RENDERED_PLOTLY = """(selector) => Array.from(document.querySelectorAll(selector)).filter(
@@ -135,11 +137,12 @@ class BrowserPage:
         self.page.screenshot(path=str(path), full_page=full_page)
         return path
 
-    def assert_clean(self, *, ignore_console: Sequence[str] = ()) -> None:
-        """No page error, no external request, and no console error except those matching a
-        regular expression in ``ignore_console``."""
+    def assert_clean(self, *, ignore_console: Sequence[str] = (), ignore_page: Sequence[str] = ()) -> None:
+        """No page error, no external request, and no console error, except those matching a
+        regular expression in ``ignore_page`` / ``ignore_console``."""
         console = [text for text in self.console_errors if not any(re.search(p, text) for p in ignore_console)]
-        assert not self.page_errors, f"page errors: {self.page_errors}"
+        page_errors = [text for text in self.page_errors if not any(re.search(p, text) for p in ignore_page)]
+        assert not page_errors, f"page errors: {page_errors}"
         assert not console, f"console errors: {console}"
         assert not self.external_requests, f"requests left the machine: {self.external_requests}"
 
@@ -173,24 +176,63 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @dataclass(frozen=True)
 class JupyterServer:
-    """A running JupyterLab server: ``url`` ends with "/", ``token`` authenticates API calls."""
+    """A running JupyterLab server: ``url`` ends with "/", ``token`` authenticates API calls,
+    ``runtime_dir`` holds the kernels' connection files."""
 
     url: str
     token: str
     root: Path
+    runtime_dir: Path
 
     def lab_url(self, notebook: str) -> str:
         """URL that opens ``notebook`` (relative to ``root``) in JupyterLab."""
         return f"{self.url}lab/tree/{notebook}?token={self.token}"
 
-    def run_notebook(self, browser_page: BrowserPage, notebook: str, *, timeout: float = 120.0):
-        """Open ``notebook`` in JupyterLab, run all cells and wait until every code cell ran (its
-        prompt shows a number). Returns the Playwright page.
+    def api(self, path: str, body: dict | None = None, *, method: str | None = None) -> dict:
+        """Call the server's REST API (``path`` below ``api/``); returns the decoded JSON answer."""
+        request = urllib.request.Request(
+            f"{self.url}api/{path}", method=method or ("POST" if body is not None else "GET"),
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
 
-        The first kernel connection sometimes drops (jupyter_server answers the first websocket
-        with a 500 while the kernel starts) and loses the request: "Run All Cells" is repeated
-        until a cell is queued ("[*]") or ran.
+    def start_kernel(self, notebook: str, *, timeout: float = 60.0) -> str:
+        """Start ``notebook``'s session (kernel "python3") and wait until its kernel answers;
+        returns the kernel id.
+
+        Why: JupyterLab 4 opening a notebook starts a session of its own (under a temporary path,
+        then renamed) and then attaches to the session the server holds at that path. Were that its
+        own kernel, still starting, it closes the first websocket while the server waits for the
+        kernel (the server's 500) and connects again to the same kernel, by a second connection
+        with ``handleComms`` false (the first one held the comms): every comm_open is dropped and
+        widgets stay at "Loading widget..." or show "model not found" (3 of 4 runs here). Attached
+        to this kernel, already answering, its connection is the kernel's first.
         """
+        session = self.api("sessions", {"path": notebook, "name": notebook, "type": "notebook", "kernel": {"name": "python3"}})
+        kernel = session["kernel"]["id"]
+        # answering kernel_info requests: started (the server's own execution_state ignores them)
+        client = BlockingKernelClient(connection_file=str(self.runtime_dir / f"kernel-{kernel}.json"))
+        client.load_connection_file()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=timeout)
+        except RuntimeError as error:
+            pytest.fail(f"the kernel of {notebook} did not start within {timeout} s ({error}); see the server log")
+        finally:
+            client.stop_channels()
+        return kernel
+
+    def run_notebook(self, browser_page: BrowserPage, notebook: str, *, timeout: float = 120.0):
+        """Start ``notebook``'s kernel (:meth:`start_kernel`), open it in JupyterLab, run all cells
+        and wait until every code cell ran (its prompt shows a number). Returns the Playwright page.
+
+        Should a kernel connection still drop and lose the request (jupyter_server answers a
+        websocket closed while connecting with a 500), "Run All Cells" is repeated until a cell is
+        queued ("[*]") or ran.
+        """
+        self.start_kernel(notebook, timeout=timeout)
         page = browser_page.goto(self.lab_url(notebook), timeout=timeout)
         page.wait_for_selector(".jp-Notebook", timeout=timeout * 1000)
         page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=timeout * 1000)
@@ -256,6 +298,8 @@ def jupyter_lab(root: str | Path, home: str | Path, *, timeout: float = 60.0) ->
         env=env, check=True, capture_output=True,
     )
     env["JUPYTER_PATH"] = str(home / "data" / "prefix" / "share" / "jupyter")
+    # kernels import this checkout's vitlens_patch (not whichever one is pip-installed)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
     log = (home / "server.log").open("w")
     process = subprocess.Popen(
         [
@@ -281,7 +325,7 @@ def jupyter_lab(root: str | Path, home: str | Path, *, timeout: float = 60.0) ->
                 if time.monotonic() > deadline:
                     pytest.fail(f"JupyterLab did not answer within {timeout} s:\n{(home / 'server.log').read_text()}")
                 time.sleep(0.3)
-        yield JupyterServer(url, token, root)
+        yield JupyterServer(url, token, root, home / "runtime")
     finally:
         process.terminate()
         try:

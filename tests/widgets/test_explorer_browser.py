@@ -1,10 +1,14 @@
 """The explorer in a real browser (system Chromium via Playwright, network blocked): the static
-export (the demo report and the explorer page it links: tests/test_cli.py)."""
+export (the demo report and the explorer page it links: tests/test_cli.py) and the live widget in
+JupyterLab on the embedded model."""
 
 import json
 
+import nbformat
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from tests.browser import jupyter_lab
 from vitlens_patch.widgets import explore
 
 EXPLORER = ".vitlens-explorer"
@@ -54,3 +58,52 @@ def test_static_export_renders_offline_and_links_its_views(browser_page, tmp_pat
     browser_page.assert_clean()
     data = json.loads(text.split("renderStatic(document.getElementById('vitlens-explorer'), ")[1].split(");</script>")[0])
     assert sorted(data["views"]) == ["0", "1", "2"] and all(view["pending"] == [] for view in data["views"].values())
+
+
+# the notebook of the live test: the embedded model on three sample images, the widget displayed
+LIVE_CELL = """\
+import vitlens_patch as vp
+
+model = vp.cifar10_vit()
+sample = vp.pretrained.sample_images(n_per_class=1)
+widget = vp.explore(model, sample.images[:3], sample.labels[:3], window=3)
+widget"""
+PATCH_VIEW = "() => document.querySelector('.vitlens-explorer [data-view=patch]').getAttribute('data-patch')"
+
+
+def test_live_explorer_in_jupyterlab(browser_page, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(LIVE_CELL)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, root / "explorer.ipynb")
+    with jupyter_lab(root, tmp_path / "home") as server:
+        page = server.run_notebook(browser_page, "explorer.ipynb")
+        try:
+            page.wait_for_selector(EXPLORER, timeout=60_000)
+        except PlaywrightTimeout:
+            shot = browser_page.screenshot("explorer-live-jupyterlab-timeout")
+            output = page.evaluate("() => Array.from(document.querySelectorAll('.jp-OutputArea-output'), (o) => o.innerText)")
+            pytest.fail(f"no explorer within 60 s; cell output {output}, console errors {browser_page.console_errors}, "
+                        f"screenshot {shot}, server log {tmp_path / 'home' / 'server.log'}")
+        assert browser_page.wait_for_figures(3, selector=f"{EXPLORER} .js-plotly-plot", timeout=60_000) >= 3
+        page.wait_for_function(HEATMAP_DRAWN, arg="grid", timeout=60_000)
+        assert page.evaluate(PATCH_VIEW) == ""
+        request = int(page.get_attribute(EXPLORER, "data-request"))
+        page.locator(f"{EXPLORER} [data-view=grid]").scroll_into_view_if_needed()
+        click_patch(page, "grid", 6)
+        # the patch view shows patch 6's curve over every layer, and the kernel answered the click
+        # with a new request's view (data-request: the kernel's request number of the drawn view)
+        page.wait_for_function(f"() => ({PATCH_VIEW})() === '6'", timeout=30_000)
+        page.wait_for_function(
+            f"() => Number(document.querySelector('{EXPLORER}').getAttribute('data-request')) > {request}", timeout=30_000
+        )
+        n_layers = page.evaluate("() => document.querySelector('.vitlens-explorer [data-view=curve]').data[0].x.length")
+        curve = page.evaluate(PATCH_CURVE)
+        assert len(curve) == n_layers and all(isinstance(value, float) for value in curve)
+        assert browser_page.wait_for_figures(4, selector=f"{EXPLORER} .js-plotly-plot") == 4
+        browser_page.screenshot("explorer-live-jupyterlab")
+        # JupyterLab's own first session (see JupyterServer.start_kernel) is dropped for the
+        # running one; disposing its kernel connection cancels that connection's pending subshell
+        # probe, an unhandled rejection of JupyterLab's, not of the explorer
+        browser_page.assert_clean(ignore_page=[r"^Error: Canceled future for create_subshell_request message before replies were done$"])
