@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from vitlens_patch.attribution.caap import caap, check_block_range, default_layers
@@ -44,7 +44,7 @@ from vitlens_patch.metrics import deletion_auc, insertion_auc
 from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.scores import resolve_target
 from vitlens_patch.statistics import student_t_half_width
-from vitlens_patch.studies.runner import run_study, stack_column
+from vitlens_patch.studies.runner import run_study, stack_column, study_dataset
 
 SWEEP_METRICS = {"deletion": (deletion_auc, False), "insertion": (insertion_auc, True)}
 _METRIC_STEPS = 16  # n_steps of deletion_auc / insertion_auc: n_steps + 1 forwards per image
@@ -305,31 +305,19 @@ def measure_caap_layers(
     return {"value": torch.stack(values, dim=1), "prediction": prediction}
 
 
-def _study_dataset(
+def _digested_dataset(
     data: Tensor | LabelledImages | Dataset | str | os.PathLike, labels: Tensor | None
 ) -> tuple[Dataset | LabelledImages, str | None]:
     """What run_study reads, and a digest of the images and labels when they are in memory."""
     if isinstance(data, (str, os.PathLike)):
         data = load_image_folder(data)
+    dataset = study_dataset(data, labels)
     if isinstance(data, Tensor):
-        if labels is None:
-            raise ValueError("labels must be given (true class per image) when data is a tensor of images")
-        labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-        if data.ndim != 4 or labels.shape != (data.shape[0],):
-            raise ValueError(
-                f"data must be images [batch, channel, height, width] and labels [image], got shapes "
-                f"{tuple(data.shape)} and {tuple(labels.shape)}"
-            )
-        images = data.cpu()
-        dataset: Dataset | LabelledImages = TensorDataset(images, labels)
-    elif labels is not None:
-        raise ValueError(
-            f"labels must be None when data carries its own labels, got data of type {type(data).__name__}"
-        )
-    elif isinstance(data, LabelledImages):
-        images, labels, dataset = data.images, data.labels, data
+        images, labels = dataset.tensors
+    elif isinstance(dataset, LabelledImages):
+        images, labels = dataset.images, dataset.labels
     else:
-        return data, None  # a Dataset read lazily: not digested
+        return dataset, None  # a Dataset read lazily: not digested
     digest = hashlib.sha256()
     for tensor in (images, labels):
         digest.update(tensor.detach().contiguous().numpy().tobytes())
@@ -399,7 +387,7 @@ def caap_layer_study(
     if target not in STUDY_TARGETS:
         raise ValueError(f"target must be one of {STUDY_TARGETS}, got {target!r}")
     ranges = _resolve_ranges(ranges, model.cfg.n_layers)
-    dataset, data_sha256 = _study_dataset(data, labels)
+    dataset, data_sha256 = _digested_dataset(data, labels)
     settings = {
         "function": "caap_layer_study", "metric": name, "ranges": [list(block_range) for block_range in ranges],
         "target": target, "caap_options": _jsonable_options(caap_options),

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from vitlens_patch.data.folder import LabelledImages
 from vitlens_patch.model import HookedViT
@@ -45,7 +45,7 @@ from vitlens_patch.patching.results import TraceResult, read_saved_metadata
 from vitlens_patch.patching.sites import PositionSelector, kind_hook, layer_window, resolve_positions
 from vitlens_patch.patching.tracing import trace_layers
 from vitlens_patch.statistics import wilson_interval
-from vitlens_patch.studies.runner import run_study, stack_column
+from vitlens_patch.studies.runner import run_study, stack_column, study_dataset
 
 _METADATA_KEY = b"vitlens_patch.GrayscaleStudyResult"
 _FORMAT_VERSION = 1
@@ -334,27 +334,6 @@ def measure_grayscale(
     }
 
 
-def _as_dataset(
-    data: Tensor | LabelledImages | Dataset | str | os.PathLike, labels: Tensor | None
-) -> Dataset | LabelledImages | str | os.PathLike:
-    """What run_study reads: tensors with their labels become a TensorDataset."""
-    if isinstance(data, Tensor):
-        if labels is None:
-            raise ValueError("labels must be given (true class per image) when data is a tensor of images")
-        labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-        if data.ndim != 4 or labels.shape != (data.shape[0],):
-            raise ValueError(
-                f"data must be images [batch, channel, height, width] and labels [image], got shapes "
-                f"{tuple(data.shape)} and {tuple(labels.shape)}"
-            )
-        return TensorDataset(data.cpu(), labels)
-    if labels is not None:
-        raise ValueError(
-            f"labels must be None when data carries its own labels, got data of type {type(data).__name__}"
-        )
-    return data
-
-
 def grayscale_study(
     model: HookedViT,
     data: Tensor | LabelledImages | Dataset | str | os.PathLike,
@@ -405,7 +384,7 @@ def grayscale_study(
         function="grayscale_study", corruption="grayscale", kind=kind, hook=hook, window=window,
         positions=list(resolve_positions(positions, cfg)), score="prob",
     )
-    dataset = _as_dataset(data, labels)
+    dataset = study_dataset(data, labels)
     class_names = data.class_names if isinstance(data, LabelledImages) else model.class_names
     measure = functools.partial(
         measure_grayscale, kind=kind, window=window, positions=positions, memory_budget_mb=memory_budget_mb

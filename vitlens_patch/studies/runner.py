@@ -329,6 +329,32 @@ def _model_input(
     return preprocess(images)
 
 
+def study_dataset(
+    data: Tensor | LabelledImages | Dataset | str | os.PathLike, labels: Tensor | None = None
+) -> Dataset | LabelledImages | str | os.PathLike:
+    """A recipe's ``data`` / ``labels`` arguments as what :func:`run_study` reads.
+
+    Images [image, channel, height, width] with their true classes ``labels`` [image] become a
+    ``TensorDataset``; data that carries its own labels (``LabelledImages``, a ``Dataset``, an
+    image-folder path) is returned as is, and ``labels`` must then be None.
+    """
+    if isinstance(data, Tensor):
+        if labels is None:
+            raise ValueError("labels must be given (true class per image) when data is a tensor of images")
+        labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+        if data.ndim != 4 or labels.shape != (data.shape[0],):
+            raise ValueError(
+                f"data must be images [batch, channel, height, width] and labels [image], got shapes "
+                f"{tuple(data.shape)} and {tuple(labels.shape)}"
+            )
+        return TensorDataset(data.cpu(), labels)
+    if labels is not None:
+        raise ValueError(
+            f"labels must be None when data carries its own labels, got data of type {type(data).__name__}"
+        )
+    return data
+
+
 def _as_dataset(dataset: Dataset | LabelledImages | str | os.PathLike) -> Dataset:
     if isinstance(dataset, (str, os.PathLike)):
         dataset = load_image_folder(dataset)
