@@ -1,5 +1,6 @@
 import math
 
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -8,6 +9,7 @@ from vitlens_patch.patching.results import TraceResult
 from vitlens_patch.plots import (
     plot_head_heatmap,
     plot_layer_curve,
+    plot_layer_means,
     plot_patch_grid,
     plot_position_heatmap,
 )
@@ -65,6 +67,44 @@ def test_layer_curve_without_ci_and_normalized():
     assert len(figure.data) == 1 and figure.data[0].name == "ours"
     assert list(figure.data[0].y) == pytest.approx(result.normalized().mean().mean.tolist())
     assert figure.layout.yaxis.title.text.startswith("normalised indirect effect")
+
+
+def layer_means_table(model: str, result: TraceResult, curve: str):
+    summary = result.mean()
+    return pd.DataFrame({
+        "model": model, "curve": curve, "layer": list(summary.coords["layer"]),
+        "mean": summary.mean.tolist(), "lower": summary.lower.tolist(), "upper": summary.upper.tolist(),
+    })
+
+
+def test_layer_means_draws_stored_curves_in_panels_with_one_colour_per_curve():
+    window1, window3 = layer_result(seed=1), layer_result(seed=2)
+    curves = pd.concat([
+        layer_means_table("small", window3, "window 3"), layer_means_table("small", window1, "window 1"),
+        layer_means_table("large", window3.normalized(), "window 3"),
+    ])
+    figure = plot_layer_means(curves, by="model")
+    assert [annotation.text for annotation in figure.layout.annotations] == ["small", "large"]
+    lines = [trace for trace in figure.data if trace.mode == "lines+markers"]
+    assert [(line.name, line.xaxis, line.showlegend) for line in lines] == [
+        ("window 3", "x", True), ("window 1", "x", True), ("window 3", "x2", False),
+    ]
+    assert list(lines[1].y) == pytest.approx(window1.mean().mean.tolist())
+    assert lines[0].line.color == lines[2].line.color != lines[1].line.color
+    band = figure.data[0]
+    summary = window3.mean()
+    assert list(band.y) == pytest.approx(summary.upper.tolist() + summary.lower.flip(0).tolist())
+    assert list(figure.data[4].y) == pytest.approx(
+        window3.normalized().mean().upper.tolist() + window3.normalized().mean().lower.flip(0).tolist()
+    )
+
+
+@pytest.mark.usefixtures("without_type_checks")
+def test_layer_means_rejects_a_table_without_its_columns():
+    with pytest.raises(ValueError, match=r"curves must be a non-empty DataFrame with columns \['curve', 'layer', 'mean', 'lower', 'upper', 'model'\], got \['curve', 'layer'\]"):
+        plot_layer_means(pd.DataFrame({"curve": ["a"], "layer": [0]}), by="model")
+    with pytest.raises(ValueError, match="curves must be a non-empty DataFrame .* got list"):
+        plot_layer_means([1, 2])
 
 
 def test_layer_curve_rejects_bad_inputs():

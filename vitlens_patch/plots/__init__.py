@@ -11,7 +11,7 @@ from vitlens_patch.lazy import lazy_exports
 _PUBLIC = {  # module -> the public names it defines
     "vitlens_patch.plots.attribution": ("plot_attribution_grid", "plot_method_comparison"),
     "vitlens_patch.plots.tracing": (
-        "plot_head_heatmap", "plot_layer_curve", "plot_patch_grid", "plot_position_heatmap",
+        "plot_head_heatmap", "plot_layer_curve", "plot_layer_means", "plot_patch_grid", "plot_position_heatmap",
     ),
     "vitlens_patch.plots.notebook": ("use_offline_renderer",),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import torch
 from einops import rearrange
@@ -105,28 +106,95 @@ def plot_layer_curve(
     figure = go.Figure()
     for index, (result, label) in enumerate(zip(results, labels)):
         summary, y_title = _summarise(result, normalized, confidence)
-        layers = summary.coords["layer"]
-        colour = DEFAULT_PLOTLY_COLORS[index % len(DEFAULT_PLOTLY_COLORS)]
-        if ci:
-            red, green, blue = unlabel_rgb(colour)
-            # one closed polygon: along the upper bound, back along the lower bound
-            figure.add_trace(go.Scatter(
-                x=list(layers) + list(layers)[::-1],
-                y=summary.upper.tolist() + summary.lower.flip(0).tolist(),
-                fill="toself", fillcolor=f"rgba({red}, {green}, {blue}, 0.2)",
-                line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=label,
-                name=f"{label} {summary.confidence:.0%} CI",
-            ))
-        figure.add_trace(go.Scatter(
-            x=layers, y=summary.mean.tolist(), mode="lines+markers", name=label, legendgroup=label,
-            line={"color": colour}, customdata=summary.count.tolist(),
-            hovertemplate=(
-                f"layer %{{x}}<br>effect %{{y:.4g}}<br>images %{{customdata}}<extra>{label}</extra>"
-            ),
-        ))
+        _add_curve(
+            figure, index, label, list(summary.coords["layer"]), summary.mean.tolist(),
+            (summary.lower.tolist(), summary.upper.tolist()) if ci else None, summary.confidence,
+            summary.count.tolist(),
+        )
     figure.add_hline(y=0, line={"color": "gray", "width": 1, "dash": "dot"})
     figure.update_layout(title=title, xaxis_title="layer", yaxis_title=y_title, template="plotly_white")
     return figure
+
+
+def plot_layer_means(
+    curves: pd.DataFrame,
+    *,
+    by: str | None = None,
+    confidence: float = 0.95,
+    title: str = "Mean indirect effect by layer",
+    y_title: str = "indirect effect",
+) -> go.Figure:
+    """Per-layer means with their confidence bands from a table, one curve per ``curve`` value.
+
+    For curves stored as numbers rather than per-image results, e.g. those of
+    :func:`~vitlens_patch.recipes.load_layer_curves` (a study of a model too large to rerun here)
+    next to a study run in the notebook (``study.layer_means().assign(curve="attn window 3")``).
+
+    Args:
+        curves: a row per (curve, layer), columns ``curve``, ``layer``, ``mean``, ``lower``,
+            ``upper``.
+        by: a column splitting the rows into side-by-side panels that share the y axis, e.g.
+            ``"model"``; a curve keeps its colour across panels.
+        confidence: the level of ``lower`` / ``upper``, for the legend.
+    """
+    needed = ["curve", "layer", "mean", "lower", "upper"] + ([by] if by is not None else [])
+    if not isinstance(curves, pd.DataFrame) or not set(needed) <= set(curves.columns) or curves.empty:
+        got = list(curves.columns) if isinstance(curves, pd.DataFrame) else type(curves).__name__
+        raise ValueError(f"curves must be a non-empty DataFrame with columns {needed}, got {got}")
+    panels = list(dict.fromkeys(curves[by])) if by is not None else [None]
+    names = list(dict.fromkeys(curves["curve"]))
+    figure = make_subplots(
+        rows=1, cols=len(panels), shared_yaxes=True, horizontal_spacing=0.04,
+        subplot_titles=[str(panel) for panel in panels] if by is not None else None,
+    )
+    for column, panel in enumerate(panels, start=1):
+        rows = curves if by is None else curves[curves[by] == panel]
+        for name, curve in rows.groupby("curve", sort=False):
+            curve = curve.sort_values("layer")
+            _add_curve(
+                figure, names.index(name), name, curve["layer"].tolist(), curve["mean"].tolist(),
+                (curve["lower"].tolist(), curve["upper"].tolist()), confidence,
+                show_legend=column == 1, col=column,
+            )
+        figure.add_hline(y=0, line={"color": "gray", "width": 1, "dash": "dot"}, row=1, col=column)
+        figure.update_xaxes(title_text="layer", row=1, col=column)
+    figure.update_yaxes(title_text=y_title, row=1, col=1)
+    figure.update_layout(title=title, template="plotly_white")
+    return figure
+
+
+def _add_curve(
+    figure: go.Figure,
+    index: int,
+    label: str,
+    layers: list,
+    mean: list[float],
+    band: tuple[list[float], list[float]] | None,
+    confidence: float,
+    counts: list[int] | None = None,
+    *,
+    show_legend: bool = True,
+    col: int | None = None,
+) -> None:
+    """One curve (colour ``index``) with its confidence ``band`` (lower, upper) behind it."""
+    place = {} if col is None else {"row": 1, "col": col}
+    colour = DEFAULT_PLOTLY_COLORS[index % len(DEFAULT_PLOTLY_COLORS)]
+    if band is not None:
+        red, green, blue = unlabel_rgb(colour)
+        lower, upper = band
+        # one closed polygon: along the upper bound, back along the lower bound
+        figure.add_trace(go.Scatter(
+            x=layers + layers[::-1], y=upper + lower[::-1],
+            fill="toself", fillcolor=f"rgba({red}, {green}, {blue}, 0.2)",
+            line={"width": 0}, hoverinfo="skip", showlegend=False, legendgroup=label,
+            name=f"{label} {confidence:.0%} CI",
+        ), **place)
+    images = "" if counts is None else "<br>images %{customdata}"
+    figure.add_trace(go.Scatter(
+        x=layers, y=mean, mode="lines+markers", name=label, legendgroup=label, showlegend=show_legend,
+        line={"color": colour}, customdata=counts,
+        hovertemplate=f"layer %{{x}}<br>effect %{{y:.4g}}{images}<extra>{label}</extra>",
+    ), **place)
 
 
 def _mean_heatmap(
