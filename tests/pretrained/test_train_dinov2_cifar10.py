@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from tests.conftest import tiny_timm_vit
 from vitlens_patch.pretrained.dinov2 import is_trained_key
-from vitlens_patch.pretrained.train_dinov2_cifar10 import forward_frozen, forward_trained, load_trained, main
+from vitlens_patch.pretrained.train_dinov2_cifar10 import forward_frozen, forward_trained, initial_weights, load_trained, main
 
 
 def test_trained_keys_are_the_last_blocks_the_final_norm_and_the_head():
@@ -34,3 +35,12 @@ def test_first_trained_block_must_be_a_block(capsys):
     with pytest.raises(SystemExit):
         main(["--first-trained-block", "12"])
     assert "--first-trained-block must be in [0, 11], got 12" in capsys.readouterr().err
+
+
+def test_init_from_reads_a_checkpoint_or_an_exported_float16_part(tmp_path):
+    trained = {"head.weight": torch.randn(10, 32, generator=torch.Generator().manual_seed(0))}
+    torch.save({"trained": trained, "step": 3}, tmp_path / "checkpoint.pt")
+    save_file({key: value.half() for key, value in trained.items()}, tmp_path / "part.safetensors")
+    assert torch.equal(initial_weights(tmp_path / "checkpoint.pt")["head.weight"], trained["head.weight"])
+    exported = initial_weights(tmp_path / "part.safetensors")["head.weight"]
+    assert exported.dtype == torch.float32 and torch.equal(exported, trained["head.weight"].half().float())

@@ -120,8 +120,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, what_init_takes: str) -> 
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--init-from", type=Path, default=None,
-                        help=f"start from the {what_init_takes} of another run's checkpoint "
-                             "(new optimizer and schedule: a warm restart)")
+                        help=f"start from the {what_init_takes} (new optimizer and schedule: a warm restart)")
     parser.add_argument("--export", action="store_true", help="only export the latest checkpoint")
 
 
@@ -147,7 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="bfloat16 autocast for the forward pass (faster on recent CPUs)")
-    add_run_arguments(parser, "model weights")
+    add_run_arguments(parser, "model weights of another run's checkpoint")
     args = parser.parse_args(argv)
     out_dir, checkpoint_path = start_run(args)
     torch.manual_seed(args.seed)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vitlens_patch.data.cifar10 import resize_images
@@ -76,6 +76,14 @@ def load_trained(model, trained: dict[str, torch.Tensor], first_trained_block: i
     result = model.load_state_dict(trained, strict=False) if not bad else None
     if bad or result.unexpected_keys:
         raise ValueError(f"checkpoint holds keys outside the trained part: {bad or result.unexpected_keys}")
+
+
+def initial_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The trained weights --init-from names: a run's checkpoint.pt, or an exported part
+    (``.safetensors``, float16, e.g. the shipped one) in float32."""
+    if path.suffix == ".safetensors":
+        return {key: value.float() for key, value in load_file(path).items()}
+    return torch.load(path, weights_only=False)["trained"]
 
 
 def forward_frozen(model, inputs: torch.Tensor, first_trained_block: int) -> torch.Tensor:
@@ -155,7 +163,7 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="forward and backward under bfloat16 autocast (weights and optimizer stay float32); "
                              "2.4x faster on a CPU with AVX512-BF16, slower on one without")
-    add_run_arguments(parser, "trained weights")
+    add_run_arguments(parser, "trained weights of another run's checkpoint.pt, or of an exported .safetensors part (e.g. the shipped one)")
     args = parser.parse_args(argv)
     if not 0 <= args.first_trained_block < 12:
         parser.error(f"--first-trained-block must be in [0, 11], got {args.first_trained_block}")
@@ -181,7 +189,7 @@ def main(argv=None) -> None:
         step = state["step"]
         print(f"resumed from step {step}", flush=True)
     elif args.init_from is not None:
-        load_trained(model, torch.load(args.init_from, weights_only=False)["trained"], k)
+        load_trained(model, initial_weights(args.init_from), k)
         print(f"initialised from {args.init_from}", flush=True)
 
     train = load_image_folder(args.data)
