@@ -306,6 +306,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, seed_help: str) -> 
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _add_study_data_argument(parser: argparse.ArgumentParser) -> None:
+    """--data, required by the dataset-scale studies (evaluate's is optional, with a default)."""
+    parser.add_argument("--data", required=True,
+                        help="images in <class>/<image> folders, or a .tar.gz of them "
+                        "(e.g. ../shared/data/cifar10/test.tar.gz)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitlens-patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -332,9 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Resumable: run the same command again. Shard with torchrun --nproc_per_node=N -m "
         "vitlens_patch.cli study grayscale ...",
     )
-    grayscale.add_argument("--data", required=True,
-                           help="images in <class>/<image> folders, or a .tar.gz of them "
-                           "(e.g. ../shared/data/cifar10/test.tar.gz)")
+    _add_study_data_argument(grayscale)
     grayscale.add_argument("--n", "--n-images", dest="n", type=_positive, default=None,
                            help="total images, the same number per class (default all); spell it "
                            "--n-images under torchrun, whose own options --n... would claim --n")
@@ -361,9 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to vitlens-patch evaluate --caap-blocks START STOP; --exclude-evaluate keeps the evaluation's "
         "images out of the choice.",
     )
-    layers.add_argument("--data", required=True,
-                        help="images in <class>/<image> folders, or a .tar.gz of them "
-                        "(e.g. ../shared/data/cifar10/test.tar.gz)")
+    _add_study_data_argument(layers)
     layers.add_argument("--n", "--n-images", dest="n", type=_positive, required=True,
                         help="total images, the same number per class; spell it --n-images under torchrun")
     layers.add_argument("--exclude-evaluate", type=_positive, default=None, metavar="N_EVAL",
