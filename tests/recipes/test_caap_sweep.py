@@ -6,18 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import tiny_timm_vit
 from vitlens_patch.attribution.caap import caap, default_layers
 from vitlens_patch.metrics import deletion_auc
-from vitlens_patch.model import HookedViT
 from vitlens_patch.recipes.caap_sweep import caap_layer_sweep, caap_sweep_cost, default_sweep_ranges
 
 N_LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def model() -> HookedViT:
-    return HookedViT.from_timm(tiny_timm_vit(depth=N_LAYERS))
 
 
 @pytest.fixture(scope="module")

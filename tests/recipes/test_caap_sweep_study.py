@@ -5,19 +5,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import tiny_timm_vit
-from vitlens_patch.model import HookedViT
 from vitlens_patch.recipes.caap_sweep import caap_layer_study, caap_layer_sweep, measure_caap_layers
 from vitlens_patch.statistics import student_t_half_width
 from vitlens_patch.studies.runner import SETTINGS_FILE
 
 N_LAYERS = 4
 RANGES = [(0, 2), (1, 4), (2, 4)]
-
-
-@pytest.fixture(scope="module")
-def model() -> HookedViT:
-    return HookedViT.from_timm(tiny_timm_vit(depth=N_LAYERS))
 
 
 @pytest.fixture(scope="module")

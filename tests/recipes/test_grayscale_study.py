@@ -5,19 +5,12 @@ import pytest
 import torch
 from scipy import stats
 
-from tests.conftest import tiny_timm_vit
 from vitlens_patch.data.folder import LabelledImages
-from vitlens_patch.model import HookedViT
 from vitlens_patch.patching.corruptions import corrupt_grayscale
 from vitlens_patch.patching.tracing import trace_layers
 from vitlens_patch.recipes import GrayscaleStudyResult, grayscale_study, load_layer_curves, save_layer_curves
 
 N_IMAGES, N_LAYERS, CLASSES = 6, 3, tuple("abcdefghij")
-
-
-@pytest.fixture(scope="module")
-def model() -> HookedViT:
-    return HookedViT.from_timm(tiny_timm_vit(depth=N_LAYERS))
 
 
 @pytest.fixture(scope="module")
